@@ -1,0 +1,6 @@
+"""Population scoring engines: backends of ``WideResNet.walk`` that run many masked members at once."""
+
+from .compact import CompactBackend
+from .folded import FoldedBackend
+
+__all__ = ["FoldedBackend", "CompactBackend"]

@@ -1,0 +1,144 @@
+"""Population scoring: fitness of every member of a mask population on one batch."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .engines import CompactBackend, FoldedBackend
+from .flops import count_forward
+from .masks import Masks
+from .model import BN_MODES, WideResNet
+
+ENGINES = ("auto", "loop", "folded", "compact")
+METRICS = ("loss", "accuracy")
+# Activation memory per member and image, in elements, is about this many copies of the widest
+# layer (stream, pre-activation, inner, shortcut, and the op's fp32 temporaries).
+_LIVE_COPIES = 8
+_CPU_BUDGET_BYTES = 2 << 30
+
+
+def as_masks(masks) -> Masks:
+    if isinstance(masks, Masks):
+        return masks
+    if isinstance(masks, Mapping):
+        return Masks(dict(masks))
+    raise ValueError(f"masks must be a Masks or a mapping name -> bool [P, C], got {type(masks).__name__}")
+
+
+def check_batch(model: WideResNet, images: Tensor, labels: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a tensor [B, C, H, W], got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    if images.shape[1] != model.in_channels:
+        raise ValueError(f"images have {images.shape[1]} channels, the model takes {model.in_channels}")
+    if images.shape[0] < 1:
+        raise ValueError("empty batch: images hold zero examples")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point (normalised), got {images.dtype}")
+    if not isinstance(labels, Tensor) or labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be a tensor [{images.shape[0]}], got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
+        raise ValueError(f"labels must lie in [0, {model.num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def auto_engine(masks: Masks, device: torch.device) -> str:
+    """The fastest engine for this population and device (measured: bench/bench_engines.py)."""
+    if device.type == "cuda":
+        return "compact" if masks.sparsity() >= 0.2 else "folded"
+    # CPU: compacting pays off as soon as a few channels are off; dense masks fold.
+    return "compact" if masks.sparsity() >= 0.1 else "folded"
+
+
+def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks) -> int:
+    """Members per chunk so that a chunk's activations fit the device's free memory."""
+    b, _, h, w = images.shape
+    live = None
+    if engine == "compact":
+        live = {k: int(v.max()) for k, v in masks.live_counts().items()}
+    widest = count_forward(model, (h, w), live).max_activation
+    per_member = _LIVE_COPIES * widest * b * max(4, images.element_size())
+    if images.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(images.device)
+        budget = 0.6 * free
+    else:
+        budget = _CPU_BUDGET_BYTES
+    return max(1, min(masks.population, int(budget // per_member)))
+
+
+def member_losses(logits: Tensor, labels: Tensor, metric: str) -> Tensor:
+    """logits [P, B, classes] -> fitness [P] (higher is better)."""
+    if metric == "loss":
+        p, b, c = logits.shape
+        ce = F.cross_entropy(logits.float().reshape(p * b, c), labels.repeat(p), reduction="none")
+        return -ce.view(p, b).mean(1)
+    return (logits.argmax(-1) == labels[None]).float().mean(1)
+
+
+@torch.no_grad()
+def population_logits(model: WideResNet, masks: Masks, images: Tensor, engine: str, bn: str) -> Tensor:
+    """Logits ``[P, B, classes]`` of every member (no validation, one chunk)."""
+    p = masks.population
+    dev, dt = images.device, images.dtype
+    if engine == "loop":
+        return torch.stack([model(images, masks.member(i), bn=bn) for i in range(p)])
+    if engine == "folded":
+        fm = {k: v.to(device=dev, dtype=dt) for k, v in masks.items()}
+        return model.walk(FoldedBackend(fm, bn, p, images.shape[0]), images)
+    if engine == "compact":
+        return model.walk(CompactBackend(masks, bn, dev, dt), images)
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, engine: str = "auto",
+                     metric: str = "loss", bn: str = "batch", chunk_size: int | None = None,
+                     return_info: bool = False):
+    """Fitness ``[P]`` (float32, CPU) of every member: ``-loss`` (mean cross-entropy) or accuracy.
+
+    engine: ``loop`` (reference: one masked forward per member), ``folded`` (members in the batch,
+    shared weights), ``compact`` (live channels only) or ``auto``. bn: ``batch`` (each member's own
+    batch statistics) or ``running``. The population is scored in chunks of ``chunk_size`` members
+    (auto: what fits the device). The model is left exactly as it was. NaN/inf fitness becomes
+    -inf with a warning. With ``return_info`` also returns ``{"engine", "chunk_size"}``.
+    """
+    if not isinstance(model, WideResNet):
+        raise ValueError(f"model must be a fastweedout.WideResNet, got {type(model).__name__}")
+    masks = as_masks(masks)
+    masks.check(model.node_layers())
+    check_batch(model, images, labels)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    param = next(model.parameters())
+    images = images.to(device=param.device, dtype=param.dtype)
+    labels = labels.to(device=param.device, dtype=torch.long)
+    if engine == "auto":
+        engine = auto_engine(masks, param.device)
+    chunk = chunk_size or auto_chunk(model, images, engine, masks)
+    out = []
+    for start in range(0, masks.population, chunk):
+        part = masks.select(list(range(start, min(start + chunk, masks.population))))
+        out.append(member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
+    fitness = torch.cat(out).float()
+    bad = ~torch.isfinite(fitness)
+    if bool(bad.any()):
+        warnings.warn(f"{int(bad.sum())} of {fitness.numel()} members have non-finite fitness; "
+                      "they get -inf and are never selected", RuntimeWarning, stacklevel=2)
+        fitness = torch.where(bad, torch.full_like(fitness, -math.inf), fitness)
+    if return_info:
+        return fitness, {"engine": engine, "chunk_size": chunk}
+    return fitness
