@@ -59,20 +59,28 @@ def auto_engine(masks: Masks, device: torch.device) -> str:
     return "compact" if masks.sparsity() >= 0.1 else "folded"
 
 
-def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks) -> int:
-    """Members per chunk so that a chunk's activations fit the device's free memory."""
+def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
+               budget_bytes: float | None = None) -> int:
+    """Members per chunk so that a chunk's activations fit ``budget_bytes`` (default: 60% of the
+    GPU's free memory, or a fixed budget on CPU)."""
     b, _, h, w = images.shape
     live = None
     if engine == "compact":
         live = {k: int(v.max()) for k, v in masks.live_counts().items()}
     widest = count_forward(model, (h, w), live).max_activation
     per_member = _LIVE_COPIES * widest * b * max(4, images.element_size())
-    if images.device.type == "cuda":
+    if budget_bytes is not None:
+        budget = budget_bytes
+    elif images.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(images.device)
         budget = 0.6 * free
     else:
         budget = _CPU_BUDGET_BYTES
     return max(1, min(masks.population, int(budget // per_member)))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def member_losses(logits: Tensor, labels: Tensor, metric: str) -> Tensor:
@@ -130,9 +138,22 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
         engine = auto_engine(masks, param.device)
     chunk = chunk_size or auto_chunk(model, images, engine, masks)
     out = []
-    for start in range(0, masks.population, chunk):
+    start = 0
+    while start < masks.population:
         part = masks.select(list(range(start, min(start + chunk, masks.population))))
-        out.append(member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
+        try:
+            out.append(member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            # The estimate was too optimistic: halve the chunk and redo this part (never silently skip).
+            if not _is_oom(e) or chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            if param.device.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory while scoring; retrying with chunks of {chunk} members",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        start += part.population
     fitness = torch.cat(out).float()
     bad = ~torch.isfinite(fitness)
     if bool(bad.any()):

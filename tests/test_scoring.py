@@ -132,3 +132,35 @@ def test_bad_inputs():
         args.update(kw)
         with pytest.raises(ValueError, match=msg):
             fw.score_population(**args)
+
+
+def test_auto_chunk_fits_wrn_28_10_population_on_80gb():
+    from fastweedout.scoring import auto_chunk
+    m = fw.create_model("wrn_28_10")
+    masks = fw.sample_masks(m, 100, 0.0)
+    images = torch.empty(1000, 3, 32, 32, device="meta")
+    chunk = auto_chunk(m, images, "folded", masks, budget_bytes=0.6 * 80e9)
+    assert 1 <= chunk < 100
+    # Compacting at eta=0.8 leaves ~5x fewer live activations per member: bigger chunks.
+    sparse = fw.sample_masks(m, 100, 0.8)
+    assert auto_chunk(m, images, "compact", sparse, budget_bytes=0.6 * 80e9) > 3 * chunk
+
+
+def test_out_of_memory_halves_the_chunk(monkeypatch):
+    import fastweedout.scoring as S
+    m = fw.WideResNet(10, 1)
+    x, y = batch(m)
+    masks = fw.sample_masks(m, 6, 0.5, generator=0)
+    ref = fw.score_population(m, masks, x, y, engine="folded", chunk_size=1)
+    real = S.population_logits
+
+    def small_memory(model, part, *a, **k):
+        if part.population > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, part, *a, **k)
+
+    monkeypatch.setattr(S, "population_logits", small_memory)
+    with pytest.warns(RuntimeWarning, match="retrying with chunks of"):
+        f, info = fw.score_population(m, masks, x, y, engine="folded", chunk_size=6, return_info=True)
+    assert_fitness_close(f, ref)
+    assert info["chunk_size"] == 2
