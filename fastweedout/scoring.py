@@ -109,7 +109,7 @@ def population_logits(model: WideResNet, masks: Masks, images: Tensor, engine: s
 
 def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, engine: str = "auto",
                      metric: str = "loss", bn: str = "batch", chunk_size: int | None = None,
-                     return_info: bool = False):
+                     return_info: bool = False, distributed: bool | None = None):
     """Fitness ``[P]`` (float32, CPU) of every member: ``-loss`` (mean cross-entropy) or accuracy.
 
     engine: ``loop`` (reference: one masked forward per member), ``folded`` (members in the batch,
@@ -117,6 +117,9 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
     batch statistics) or ``running``. The population is scored in chunks of ``chunk_size`` members
     (auto: what fits the device). The model is left exactly as it was. NaN/inf fitness becomes
     -inf with a warning. With ``return_info`` also returns ``{"engine", "chunk_size"}``.
+    distributed: under an initialised process group (None: auto; False: never) each rank scores its
+    contiguous slice of the population and the fitness is all-gathered: every rank returns the full
+    ``[P]``; every rank must make the same call (see :mod:`fastweedout.distributed`).
     """
     if not isinstance(model, WideResNet):
         raise ValueError(f"model must be a fastweedout.WideResNet, got {type(model).__name__}")
@@ -137,10 +140,12 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
     if engine == "auto":
         engine = auto_engine(masks, param.device)
     chunk = chunk_size or auto_chunk(model, images, engine, masks)
+    from . import distributed as _dist  # (lazy: `python -m fastweedout.distributed` stays a clean __main__)
+    sharded = _dist.use_distributed(distributed)  # the engine was picked on the whole population: same on every rank
+    start, stop = _dist.shard_range(masks.population) if sharded else (0, masks.population)
     out = []
-    start = 0
-    while start < masks.population:
-        part = masks.select(list(range(start, min(start + chunk, masks.population))))
+    while start < stop:
+        part = masks.select(list(range(start, min(start + chunk, stop))))
         try:
             out.append(member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -154,7 +159,9 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
                           RuntimeWarning, stacklevel=2)
             continue
         start += part.population
-    fitness = torch.cat(out).float()
+    fitness = torch.cat(out).float() if out else torch.zeros(0)
+    if sharded:
+        fitness = _dist.gather_fitness(fitness, masks, labels)
     bad = ~torch.isfinite(fitness)
     if bool(bad.any()):
         warnings.warn(f"{int(bad.sum())} of {fitness.numel()} members have non-finite fitness; "

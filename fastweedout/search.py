@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -50,7 +51,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _save_state(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    # Ranks of a sharded search write the same state; host + pid keeps their temporaries apart.
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -60,7 +62,7 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
                   batch_size: int | None = 1000, metric: str = "loss", bn: str = "batch",
                   engine: str = "auto", seed: int = 0, strategy: str = "random",
                   chunk_size: int | None = None, checkpoint: str | os.PathLike | None = None,
-                  progress: bool = False) -> SearchResult:
+                  progress: bool = False, distributed: bool | None = None) -> SearchResult:
     """Weedout: score ``population`` random masks, keep the fittest, refill with ``population-1``
     new random masks, for ``generations`` generations; each generation draws a fresh batch of
     ``batch_size`` validation images (the elite is re-scored on it). The winner is the fittest of
@@ -68,6 +70,10 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
 
     ``checkpoint``: a file written atomically after every generation; a search started again with
     the same file resumes after the last finished generation and returns the same result.
+
+    ``distributed``: passed to :func:`score_population` (None: shard the population over the ranks
+    of an initialised process group); every rank draws the same masks and batches from the seed,
+    gets the full fitness and picks the same winner.
     """
     if not isinstance(model, WideResNet):
         raise ValueError(f"model must be a fastweedout.WideResNet, got {type(model).__name__}")
@@ -126,7 +132,7 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
         idx = torch.randperm(n, generator=data_gen)[:batch_size]
         xb, yb = images[idx.to(images.device)], labels[idx.to(labels.device)]
         fit, info = score_population(model, pop, xb, yb, engine=engine, metric=metric, bn=bn,
-                                     chunk_size=chunk_size, return_info=True)
+                                     chunk_size=chunk_size, return_info=True, distributed=distributed)
         if not bool(torch.isfinite(fit).any()):
             raise ValueError(f"generation {g}: every member's fitness is NaN/inf (diverged network or bad data)")
         best = int(torch.argmax(fit))  # -inf members (NaN fitness) are never selected
