@@ -16,7 +16,44 @@ from .masks import MODES, Masks, Sparsity, layer_sparsities, sample_masks
 from .model import BN_MODES, WideResNet
 from .scoring import ENGINES, METRICS, check_batch, score_population
 
-STRATEGIES = ("random",)
+STRATEGIES = ("random", "tournament", "evolution")
+EVOLUTION_TOP = 0.2  # truncation selection: parents come from the fittest 20%
+
+
+def mutate(parent: Masks, n: int, rate: float, g: torch.Generator) -> Masks:
+    """``n`` children of a one-member ``parent``: in every node set, swap about ``rate`` of the
+    switched-off nodes with live ones (at least one swap where both exist), so each node set keeps
+    its live count and the sparsity is unchanged."""
+    out = {}
+    for name, m in parent.items():
+        m = m[0]
+        live, dead = m.nonzero().flatten(), (~m).nonzero().flatten()
+        k = min(len(live), len(dead), max(1, round(rate * len(dead)))) if len(dead) and len(live) else 0
+        rows = m.repeat(n, 1)
+        if k:
+            on = dead[torch.rand(n, len(dead), generator=g).argsort(1)[:, :k]]
+            off = live[torch.rand(n, len(live), generator=g).argsort(1)[:, :k]]
+            rows.scatter_(1, on, True)
+            rows.scatter_(1, off, False)
+        out[name] = rows
+    return Masks(out)
+
+
+def next_generation(strategy: str, pop: Masks, fitness: Tensor, n_new: int, fresh, rate: float,
+                    g: torch.Generator) -> Masks | None:
+    """The ``n_new`` members that join the elite in the next generation."""
+    if n_new == 0:
+        return None
+    if strategy == "random":
+        return fresh(n_new)
+    p = pop.population
+    if strategy == "tournament":  # binary tournaments: the fitter of two random members is a parent
+        a, b = torch.randint(p, (n_new,), generator=g), torch.randint(p, (n_new,), generator=g)
+        parents = torch.where(fitness[a] >= fitness[b], a, b)
+    else:  # evolution: parents drawn uniformly from the top EVOLUTION_TOP
+        top = fitness.argsort(descending=True)[:max(1, int(round(EVOLUTION_TOP * p)))]
+        parents = top[torch.randint(len(top), (n_new,), generator=g)]
+    return Masks.cat([mutate(pop.select(int(i)), 1, rate, g) for i in parents.tolist()])
 
 
 @dataclass
@@ -62,11 +99,16 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
                   batch_size: int | None = 1000, metric: str = "loss", bn: str = "batch",
                   engine: str = "auto", seed: int = 0, strategy: str = "random",
                   chunk_size: int | None = None, checkpoint: str | os.PathLike | None = None,
-                  progress: bool = False, distributed: bool | None = None) -> SearchResult:
+                  progress: bool = False, distributed: bool | None = None,
+                  mutation_rate: float = 0.1) -> SearchResult:
     """Weedout: score ``population`` random masks, keep the fittest, refill with ``population-1``
     new random masks, for ``generations`` generations; each generation draws a fresh batch of
     ``batch_size`` validation images (the elite is re-scored on it). The winner is the fittest of
     the last generation. ``images``/``labels`` are the validation split (never the test set).
+
+    ``strategy``: ``random`` (the paper: elite + fresh random masks), ``tournament`` (elite + mutated
+    winners of binary tournaments) or ``evolution`` (elite + mutated members of the fittest 20%);
+    mutation swaps about ``mutation_rate`` of each node set's off nodes with live ones.
 
     ``checkpoint``: a file written atomically after every generation; a search started again with
     the same file resumes after the last finished generation and returns the same result.
@@ -82,6 +124,8 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not 0.0 < mutation_rate <= 1.0:
+        raise ValueError(f"mutation_rate must be in (0, 1], got {mutation_rate}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if engine not in ENGINES or metric not in METRICS or bn not in BN_MODES:
@@ -99,12 +143,13 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
     fitness_rows: list[Tensor] = []
     elite_index: list[int] = []
     elite: Masks | None = None
+    pop: Masks | None = None  # the last scored generation (parents for tournament/evolution)
     wall = 0.0
     flops_u = flops_e = 0
     info = {"engine": engine, "chunk_size": chunk_size or 0}
     start_gen = 0
     fingerprint = dict(population=population, generations=generations, mode=mode, batch_size=batch_size,
-                       metric=metric, bn=bn, seed=seed, strategy=strategy, n_val=n,
+                       metric=metric, bn=bn, seed=seed, strategy=strategy, n_val=n, mutation_rate=mutation_rate,
                        node_layers=dict(model.node_layers()), sparsity=repr(sparsity))
     if checkpoint is not None and os.path.exists(checkpoint):
         try:
@@ -119,6 +164,7 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
         fitness_rows = list(st["fitness"])
         elite_index = list(st["elite_index"])
         elite = Masks(st["elite"]) if st["elite"] is not None else None
+        pop = Masks(st["pop"]) if st.get("pop") is not None else None
         wall, flops_u, flops_e, info = st["wall"], st["flops_u"], st["flops_e"], st["info"]
 
     device = next(model.parameters()).device
@@ -126,9 +172,12 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
                initial=start_gen, total=generations)
     for g in bar:
         t0 = time.perf_counter()
-        fresh = sample_masks(model, population if elite is None else population - 1, sparsity, mode, mask_gen) \
-            if (elite is None or population > 1) else None
-        pop = fresh if elite is None else (elite if fresh is None else Masks.cat([elite, fresh]))
+        if elite is None:
+            pop = sample_masks(model, population, sparsity, mode, mask_gen)
+        else:
+            new = next_generation(strategy, pop, fitness_rows[-1], population - 1,
+                                  lambda k: sample_masks(model, k, sparsity, mode, mask_gen), mutation_rate, mask_gen)
+            pop = elite if new is None else Masks.cat([elite, new])
         idx = torch.randperm(n, generator=data_gen)[:batch_size]
         xb, yb = images[idx.to(images.device)], labels[idx.to(labels.device)]
         fit, info = score_population(model, pop, xb, yb, engine=engine, metric=metric, bn=bn,
@@ -149,7 +198,7 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, population:
             _save_state(os.fspath(checkpoint), dict(
                 fingerprint=fingerprint, generation=g + 1, mask_gen=mask_gen.get_state(),
                 data_gen=data_gen.get_state(), fitness=fitness_rows, elite_index=elite_index,
-                elite=dict(elite.items()), wall=wall, flops_u=flops_u, flops_e=flops_e, info=info))
+                elite=dict(elite.items()), pop=dict(pop.items()), wall=wall, flops_u=flops_u, flops_e=flops_e, info=info))
 
     fitness = torch.stack(fitness_rows)
     finite = torch.where(torch.isfinite(fitness), fitness, torch.nan)
@@ -166,4 +215,4 @@ def random_mask(model: WideResNet, sparsity: Sparsity, mode: str = "layerwise", 
     return sample_masks(model, 1, sparsity, mode, torch.Generator().manual_seed(seed))
 
 
-__all__ = ["random_search", "random_mask", "SearchResult", "STRATEGIES"]
+__all__ = ["random_search", "random_mask", "mutate", "SearchResult", "STRATEGIES"]

@@ -123,3 +123,28 @@ def test_random_mask_control():
     m = fw.WideResNet(10, 2)
     a, b = fw.random_mask(m, 0.4, seed=1), fw.random_mask(m, 0.4, seed=1)
     assert a == b and a.population == 1
+
+
+@pytest.mark.parametrize("strategy", ["tournament", "evolution"])
+def test_mutation_strategies_keep_sparsity_and_elite(strategy):
+    m = fw.WideResNet(10, 2, num_classes=4)
+    x, y = _val(m)
+    kw = dict(population=6, generations=3, sparsity=0.5, batch_size=12, seed=1, engine="loop",
+              strategy=strategy)
+    r = fw.random_search(m, x, y, **kw)
+    assert r.fitness.shape == (3, 6) and r.winner.is_uniform()
+    counts = fw.sample_masks(m, 1, 0.5).live_counts()
+    assert all(int(r.winner.live_counts()[k][0]) == int(c[0]) for k, c in counts.items())
+    again = fw.random_search(m, x, y, **kw)
+    assert again.winner == r.winner and torch.equal(again.fitness, r.fitness)
+
+
+def test_mutate_swaps_within_layers():
+    from fastweedout.search import mutate
+    m = fw.WideResNet(10, 2)
+    parent = fw.sample_masks(m, 1, 0.5, generator=0)
+    kids = mutate(parent, 4, 0.25, torch.Generator().manual_seed(0))
+    for k in parent.keys():
+        assert (kids[k].sum(1) == parent[k].sum()).all()
+        diff = (kids[k] != parent[k]).sum(1)
+        assert (diff > 0).all() and (diff % 2 == 0).all()
