@@ -126,8 +126,7 @@ class WideResNet(nn.Module):
         for blk in self.blocks():
             o = be.act(x, blk.bn1, blk.in_set)
             sc = x if blk.shortcut is None else be.conv(o, blk.shortcut, blk.in_set, blk.out_set)
-            h = be.conv(o, blk.conv1, blk.in_set, blk.inner_set)
-            h = be.act(h, blk.bn2, blk.inner_set)
+            h = be.conv_act(o, blk.conv1, blk.bn2, blk.in_set, blk.inner_set)
             h = be.dropout(h, blk.dropout)
             h = be.conv(h, blk.conv2, blk.inner_set, blk.out_set)
             x = be.add(h, sc)
@@ -238,7 +237,15 @@ def batch_norm(x: Tensor, bn: nn.BatchNorm2d, mode: str | None) -> Tensor:
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
-class MaskedBackend:
+class Backend:
+    """What :meth:`WideResNet.walk` asks of a backend. ``conv_act`` (a conv whose only consumer is
+    its node set's BN-ReLU-mask) exists so that an engine can fuse the two; by default it is both."""
+
+    def conv_act(self, x, conv, bn, in_set, out_set):
+        return self.act(self.conv(x, conv, in_set, out_set), bn, out_set)
+
+
+class MaskedBackend(Backend):
     """The reference: one network, ``mask * relu(bn(x))`` at every consumer of a node set."""
 
     def __init__(self, masks: Mapping[str, Tensor] | None, bn_mode: str | None, training: bool):

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..model import Backend
 
 
-class CompactBackend:
+class CompactBackend(Backend):
     def __init__(self, masks, bn_mode: str, device: torch.device, dtype: torch.dtype):
         self.bn_mode, self.dtype = bn_mode, dtype
         self.P = masks.population
@@ -35,19 +36,28 @@ class CompactBackend:
         return conv(x).index_select(1, self.idx[node_set].flatten())
 
     def gather_weight(self, conv, in_set, out_set) -> Tensor:
-        io, ii = self.idx[out_set], self.idx[in_set]
-        return conv.weight[io[:, :, None], ii[:, None, :]]  # [P, K_out, K_in, kh, kw]
+        """Per-member weights ``[P, K_out, K_in, kh, kw]`` in the layout the Triton conv loads fastest."""
+        return ops.gather_conv_weight(conv.weight, self.idx[out_set], self.idx[in_set])
 
     def conv(self, x, conv, in_set, out_set):
         w = self.gather_weight(conv, in_set, out_set)
         return ops.grouped_conv(x, w, conv.stride[0], conv.padding[0])
 
-    def act(self, x, bn, node_set):
+    def _bn_args(self, bn, node_set):
         i = self.idx[node_set].flatten()
         running = self.bn_mode == "running"
-        return ops.population_bn_act(
-            x, 1, bn.weight[i], bn.bias[i], None if self.pad[node_set] is None else self.pad[node_set][None],
-            bn.running_mean[i] if running else None, bn.running_var[i] if running else None, bn.eps)
+        pad = self.pad[node_set]
+        return (bn.weight[i], bn.bias[i], None if pad is None else pad[None],
+                bn.running_mean[i] if running else None, bn.running_var[i] if running else None, bn.eps)
+
+    def act(self, x, bn, node_set):
+        return ops.population_bn_act(x, 1, *self._bn_args(bn, node_set))
+
+    def conv_act(self, x, conv, bn, in_set, out_set):
+        # One op: the running-mode epilogue is fused into the conv; batch mode takes the statistics
+        # from partial sums the conv writes (see kernels/grouped_conv.py).
+        w = self.gather_weight(conv, in_set, out_set)
+        return ops.grouped_conv_bn_act(x, w, conv.stride[0], conv.padding[0], *self._bn_args(bn, out_set))
 
     def dropout(self, x, p):
         return x
