@@ -1,0 +1,187 @@
+"""The `fastweedout` command end to end on the synthetic set, and its answers to bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from fastweedout import runs
+from fastweedout.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+DATA = ["--dataset", "synthetic", "--train-subset", "128", "--no-progress", "--device", "cpu"]
+SEARCH = ["--population", "4", "--generations", "2", "--search-batch", "32"]
+TRAIN = ["--batch-size", "64", "--epochs", "1"]
+TINY = DATA + SEARCH + TRAIN  # run and experiment take all three
+
+
+def run_dirs(results):
+    return sorted(d for d in os.listdir(results) if not d.startswith("."))
+
+
+def snapshot(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = open(p, "rb").read()
+    return out
+
+
+def test_search_train_run_experiment_report(tmp_path, capsys):
+    res = str(tmp_path / "res")
+    # search alone: the winning mask and a JSON summary
+    assert main(["search", *DATA, *SEARCH, "--sparsity", "0.5", "--results", res, "--out", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "winner fitness" in out and os.path.exists(tmp_path / "m.pt")
+    (search_dir,) = run_dirs(res)
+    summary = json.load(open(os.path.join(res, search_dir, "summary.json")))
+    assert len(summary["best_fitness"]) == 2 and summary["population"] == 4
+
+    # train that mask (its seed comes from the file), then the dense network
+    assert main(["train", *DATA, *TRAIN, "--mask", str(tmp_path / "m.pt"), "--results", res]) == 0
+    assert main(["train", *DATA, *TRAIN, "--results", res]) == 0
+    names = run_dirs(res)
+    assert any("-given-" in n for n in names) and any("-dense-" in n for n in names)
+
+    # run: search then train, and the random control
+    assert main(["run", *TINY, "--sparsity", "0.5", "--arm", "weedout", "--results", res]) == 0
+    assert main(["run", *TINY, "--sparsity", "0.5", "--arm", "random", "--results", res]) == 0
+    assert "done:" in capsys.readouterr().out
+    assert main(["run", *TINY, "--sparsity", "0.5", "--arm", "random", "--results", res]) == 0
+    assert "already done" in capsys.readouterr().out
+
+    # the grid: dense once per seed; the runs done above are reused
+    exp = str(tmp_path / "exp")
+    argv = ["experiment", *TINY, "--sparsities", "0,0.5", "--seeds", "0,1", "--results", exp]
+    assert main(argv) == 0
+    assert "6 runs: 6 ran" in capsys.readouterr().out
+    assert len(run_dirs(exp)) == 6
+    assert main(argv) == 0
+    assert "0 ran, 6 already done" in capsys.readouterr().out
+
+    # report
+    assert main(["report", exp]) == 0
+    for f in ("report.md", "summary.csv", "figure2.png", "curves.png"):
+        assert os.path.getsize(os.path.join(exp, f)) > 0
+    assert "weedout" in open(os.path.join(exp, "summary.csv")).read()
+
+
+def test_console_script_in_a_subprocess(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(["fastweedout", "run", *TINY, "--arm", "random", "--sparsity", "0.25", "--threads", "1",
+                        "--results", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("done:") and "Traceback" not in p.stderr
+    (d,) = run_dirs(tmp_path)
+    assert os.path.exists(os.path.join(tmp_path, d, "done"))
+
+
+@pytest.mark.parametrize("command", ["search", "train", "run", "experiment", "report", "demo", None])
+def test_help_everywhere(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    assert main(argv) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A results directory with one finished run, and a mask file of another model."""
+    root = tmp_path_factory.mktemp("bad")
+    res = str(root / "res")
+    assert main(["run", *TINY, "--arm", "random", "--sparsity", "0.5", "--results", res]) == 0
+    assert main(["search", *DATA, *SEARCH, "--model", "wrn_10_2", "--sparsity", "0.5", "--results", str(root / "s"),
+                 "--out", str(root / "wide.pt")]) == 0
+    (root / "garbage.pt").write_bytes(b"not a mask")
+    (root / "afile").write_text("x")
+    return root
+
+
+BAD = {
+    "unknown dataset": ["run", "--dataset", "imagenet"],
+    "unknown arm": ["run", *TINY, "--arm", "lottery"],
+    "unknown model": ["run", *TINY, "--model", "resnet50"],
+    "bad model depth": ["run", *TINY, "--model", "wrn_12_1"],
+    "sparsity 1": ["run", *TINY, "--sparsity", "1"],
+    "sparsity negative": ["run", *TINY, "--sparsity", "-0.1"],
+    "sparsity nan": ["run", *TINY, "--sparsity", "nan"],
+    "sparsity text": ["run", *TINY, "--sparsity", "half"],
+    "sparsities out of range": ["experiment", *TINY, "--sparsities", "0,0.5,1.2"],
+    "unknown arm in grid": ["experiment", *TINY, "--arms", "weedout,dense"],
+    "bad seeds": ["experiment", *TINY, "--seeds", "a,b"],
+    "epochs 0": ["run", *TINY, "--epochs", "0"],
+    "population 0": ["run", *TINY, "--population", "0"],
+    "lr 0": ["run", *TINY, "--lr", "0"],
+    "search at sparsity 0": ["search", *DATA, *SEARCH, "--sparsity", "0"],
+    "search batch larger than the validation split": ["run", *TINY, "--search-batch", "100000"],
+    "train subset larger than the training split": ["run", *TINY, "--train-subset", "10000000"],
+    "missing dataset": ["run", *TINY[2:], "--dataset", "mnist", "--data-root", "{root}/nowhere"],
+    "search option given to train": ["train", *DATA, "--population", "3"],
+    "mask of another model": ["train", *DATA, *TRAIN, "--mask", "{root}/wide.pt"],
+    "mask file that is not a mask": ["train", *DATA, *TRAIN, "--mask", "{root}/garbage.pt"],
+    "missing mask file": ["train", *DATA, *TRAIN, "--mask", "{root}/missing.pt"],
+    "results is a file": ["run", *TINY, "--results", "{root}/afile"],
+    "unknown device": ["run", *DATA[:-2], *SEARCH, *TRAIN, "--device", "tpu"],
+    "no such command": ["frobnicate"],
+    "no command": [],
+    "report of nothing": ["report", "{root}/nowhere"],
+    "unknown option": ["run", "--frobnicate"],
+    "search --out is a directory": ["search", *DATA, *SEARCH, "--out", "{root}"],
+    "too many threads": ["run", *TINY, "--threads", "100000"],
+    "null byte in a path": ["run", *TINY, "--results", "{root}/a\x00b"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, finished, capsys):
+    argv = [a.replace("{root}", str(finished)) for a in BAD[case]]
+    if "--results" not in argv and argv and argv[0] in ("run", "train", "search", "experiment"):
+        argv += ["--results", str(finished / ("res" if case.startswith("search batch") else "new"))]
+    before = snapshot(finished)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if argv:
+        assert len(err.strip().splitlines()) == 1 and "error" in err, err
+    assert snapshot(finished) == before  # nothing written, nothing overwritten
+    assert not os.path.exists(finished / "new")  # not even an empty results directory
+
+
+def test_tampered_results_dir_exits_2(tmp_path, capsys):
+    res = tmp_path / "res"
+    assert main(["run", *TINY, "--arm", "random", "--sparsity", "0.5", "--results", str(res)]) == 0
+    (d,) = run_dirs(res)
+    cfg = json.load(open(res / d / runs.CONFIG_NAME))
+    cfg["seed"] = 9
+    (res / d / runs.CONFIG_NAME).write_text(json.dumps(cfg))
+    capsys.readouterr()
+    before = snapshot(res)
+    assert main(["run", *TINY, "--arm", "weedout", "--sparsity", "0.5", "--results", str(res)]) == 2
+    assert main(["report", str(res)]) == 2
+    err = capsys.readouterr().err
+    assert "hash" in err and "Traceback" not in err
+    assert snapshot(res) == before
+
+
+def test_bench_delegates_or_says_it_is_missing(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("fastweedout.bench.cli")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "fastweedout.bench.cli", fake)
+    assert main(["bench", "--quick", "x"]) == 0 and seen == [["--quick", "x"]]
+    monkeypatch.setitem(sys.modules, "fastweedout.bench.cli", None)  # import fails as if absent
+    rc = main(["bench"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not installed" in err and "Traceback" not in err

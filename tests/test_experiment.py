@@ -1,0 +1,206 @@
+"""The search + train pipeline: skipping finished runs, resuming interrupted ones, the grid."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastweedout.experiment as E
+import fastweedout.search as S
+from fastweedout import runs
+from fastweedout.experiment import (DataConfig, ModelConfig, Runtime, SearchConfig, TrainingConfig, execute_run,
+                                    grid_configs, make_run_config)
+from fastweedout.train import CHECKPOINT_NAME
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+DATA = DataConfig("synthetic", val_size=64, synthetic=dict(train_size=320, test_size=96, image_size=12))
+RT = Runtime(device="cpu", progress=False)
+
+
+def cfg(arm="weedout", sparsity=0.5, seed=0, epochs=3, **kw):
+    return make_run_config(arm, sparsity, data=DATA, model=ModelConfig("wrn_10_1"), seed=seed,
+                           search=SearchConfig(population=4, generations=3, batch_size=32),
+                           training=TrainingConfig(epochs=epochs, batch_size=64), **kw)
+
+
+def outputs(path):
+    """What must be identical between runs: every record but its timings, the mask, the final summary."""
+    recs = runs.strip_timing(runs.read_jsonl(os.path.join(path, runs.RESULTS_NAME)))
+    mask = torch.load(os.path.join(path, runs.MASK_NAME), weights_only=True)["masks"]
+    done = json.load(open(os.path.join(path, runs.DONE_NAME)))
+    return sorted(recs, key=lambda r: json.dumps(runs.record_key(r))), mask, done["final"]
+
+
+def same(a, b):
+    ra, ma, fa = a
+    rb, mb, fb = b
+    assert ra == rb
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert runs.strip_timing(fa) == runs.strip_timing(fb)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted weedout run."""
+    root = tmp_path_factory.mktemp("ref")
+    out = execute_run(cfg(), root, RT)
+    return out
+
+
+def test_a_run_writes_its_files_and_is_skipped_when_done(reference):
+    out = reference
+    assert not out.skipped and os.path.basename(out.path) == f"{out.config.name}-{out.config.hash}"
+    files = set(os.listdir(out.path))
+    assert {"config.json", "results.jsonl", "mask.pt", "search.ckpt", "train", "done"} <= files
+    assert ".lock" not in files and not [f for f in files if ".tmp" in f]  # nothing but results left
+    recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+    kinds = [runs.record_key(r) for r in recs]
+    assert len(kinds) == len(set(kinds))  # no duplicated record
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2, 3]
+    assert {r["phase"] for r in recs if r["type"] == "phase"} == {"search", "training", "evaluation"}
+    search = next(r for r in recs if r.get("phase") == "search")
+    assert search["flops"] > 0 and len(search["fitness"]) == 3 and len(search["fitness"][0]) == 4
+    assert out.summary["final"]["epoch"] == 3 and 0 <= out.summary["final"]["test_acc"] <= 1
+    stamp = {f: os.stat(os.path.join(out.path, f)).st_mtime_ns for f in ("results.jsonl", "done", "mask.pt")}
+    again = execute_run(cfg(), os.path.dirname(out.path), RT)
+    assert again.skipped and again.summary == out.summary
+    assert stamp == {f: os.stat(os.path.join(out.path, f)).st_mtime_ns for f in stamp}  # nothing rewritten
+
+
+class Interrupt(BaseException):
+    """Stands in for a kill: not an Exception, so nothing on the way catches it."""
+
+
+def test_interrupted_training_resumes_to_the_same_result(reference, tmp_path, monkeypatch):
+    real_train = E.train
+
+    def train_then_die(*a, on_epoch=None, **k):
+        def hook(rec):
+            on_epoch(rec)
+            if rec.epoch == 2:
+                raise Interrupt
+        return real_train(*a, on_epoch=hook, **k)
+
+    monkeypatch.setattr(E, "train", train_then_die)
+    with pytest.raises(Interrupt):
+        execute_run(cfg(), tmp_path, RT)
+    path = os.path.join(tmp_path, os.path.basename(reference.path))
+    assert not os.path.exists(os.path.join(path, "done"))
+    assert [r["epoch"] for r in runs.read_jsonl(os.path.join(path, "results.jsonl")) if r["type"] == "epoch"] == [1, 2]
+    monkeypatch.setattr(E, "train", real_train)
+    calls = []
+    monkeypatch.setattr(S, "score_population", lambda *a, **k: calls.append(1))  # the search must not run again
+    out = execute_run(cfg(), tmp_path, RT)
+    assert not out.skipped and not calls
+    same(outputs(out.path), outputs(reference.path))
+
+
+def test_interrupted_search_resumes_from_its_last_generation(reference, tmp_path, monkeypatch):
+    real = S.score_population
+    calls = []
+
+    def score(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt  # in the third generation: two are checkpointed
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "score_population", score)
+    with pytest.raises(Interrupt):
+        execute_run(cfg(), tmp_path, RT)
+    path = os.path.join(tmp_path, os.path.basename(reference.path))
+    assert torch.load(os.path.join(path, "search.ckpt"), weights_only=False)["generation"] == 2
+    assert not os.path.exists(os.path.join(path, "mask.pt"))
+    calls.clear()
+    monkeypatch.setattr(S, "score_population", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    out = execute_run(cfg(), tmp_path, RT)
+    assert len(calls) == 1  # only the last generation was scored again
+    same(outputs(out.path), outputs(reference.path))
+
+
+def test_truncated_checkpoint_falls_back_to_the_last_good_copy(reference, tmp_path, monkeypatch):
+    real_train = E.train
+
+    def train_then_die(*a, on_epoch=None, **k):
+        def hook(rec):
+            on_epoch(rec)
+            if rec.epoch == 2:
+                raise Interrupt
+        return real_train(*a, on_epoch=hook, **k)
+
+    monkeypatch.setattr(E, "train", train_then_die)
+    with pytest.raises(Interrupt):
+        execute_run(cfg(), tmp_path, RT)
+    monkeypatch.setattr(E, "train", real_train)
+    path = os.path.join(tmp_path, os.path.basename(reference.path))
+    ck = os.path.join(path, "train", CHECKPOINT_NAME)
+    data = open(ck, "rb").read()
+    with open(ck, "wb") as f:  # a torn write, as a crash of a non-atomic writer would leave
+        f.write(data[: len(data) // 3])
+    with pytest.warns(RuntimeWarning) as caught:
+        out = execute_run(cfg(), tmp_path, RT)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "unreadable" in messages and "previous good checkpoint" in messages
+    same(outputs(out.path), outputs(reference.path))
+    assert any(n.startswith(CHECKPOINT_NAME + ".corrupt") for n in os.listdir(os.path.join(path, "train")))
+
+
+def test_corrupt_results_file_is_rebuilt(tmp_path):
+    out1 = execute_run(cfg(epochs=1), tmp_path, RT)
+    before = outputs(out1.path)
+    os.remove(os.path.join(out1.path, "done"))  # as if killed before the marker, with a damaged results file
+    with open(os.path.join(out1.path, "results.jsonl"), "a") as f:
+        f.write('{"torn')
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        out2 = execute_run(cfg(epochs=1), tmp_path, RT)
+    same(outputs(out2.path), before)  # every record re-derived from mask.pt and the checkpoints
+
+
+def test_arms_of_a_seed_share_the_initial_weights():
+    data = E.load_data(DATA, RT)
+    a = E.build_model(cfg("weedout"), data)
+    b = E.build_model(cfg("random"), data)
+    c = E.build_model(cfg("weedout", seed=1), data)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_random_and_dense_arms(tmp_path):
+    r = execute_run(cfg("random", epochs=1), tmp_path, RT)
+    d = execute_run(cfg("random", sparsity=0.0, epochs=1), tmp_path, RT)
+    assert r.config.arm == "random" and d.config.arm == "dense"
+    assert d.summary["live_params"] > r.summary["live_params"]
+    assert r.summary["search"] is None and 0.45 < r.summary["mask_sparsity"] < 0.55
+    for o in (r, d):
+        search = next(x for x in runs.read_jsonl(os.path.join(o.path, "results.jsonl")) if x.get("phase") == "search")
+        assert search["flops"] == 0 and search["wall_s"] == 0
+
+
+def test_grid_runs_dense_once_per_seed():
+    configs = grid_configs(data=DATA, model=ModelConfig(), search=SearchConfig(), training=TrainingConfig(epochs=1),
+                           sparsities=[0.0, 0.2, 0.4], arms=["weedout", "random"], seeds=[0, 1])
+    assert len(configs) == 2 * (1 + 2 * 2)
+    assert [c.arm for c in configs[:5]] == ["dense", "weedout", "random", "weedout", "random"]
+    assert [c.seed for c in configs] == [0] * 5 + [1] * 5
+    assert len({c.hash for c in configs}) == len(configs)
+    with pytest.raises(ValueError, match="unknown arm"):
+        grid_configs(data=DATA, model=ModelConfig(), search=SearchConfig(), training=TrainingConfig(epochs=1),
+                     arms=["dense"])
+
+
+def test_config_checked_against_data_before_writing(tmp_path):
+    bad = make_run_config("weedout", 0.5, data=DATA, model=ModelConfig(), search=SearchConfig(batch_size=500),
+                          training=TrainingConfig(epochs=1))
+    with pytest.raises(ValueError, match="validation"):
+        E.run_grid([bad], tmp_path / "res", RT)
+    assert not os.path.exists(tmp_path / "res")  # not even created

@@ -1,0 +1,144 @@
+"""The report's statistics against hand-computed values, its files, and what it leaves out."""
+
+import csv
+import math
+import os
+
+import pytest
+from scipy import special
+
+from fastweedout import report, runs
+from fastweedout.experiment import DataConfig, ModelConfig, SearchConfig, TrainingConfig, make_run_config
+from fastweedout.runs import RunDir, RunError
+
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles from a table
+
+DATA = DataConfig("synthetic")
+
+
+def fake_run(root, arm, eta, seed, test, train, init_loss, init_acc, search=(0.0, 0.0), training=(10.0, 1e9),
+             done=True, epochs=2):
+    cfg = make_run_config(arm, eta, data=DATA, model=ModelConfig(), seed=seed, search=SearchConfig(),
+                          training=TrainingConfig(epochs=epochs))
+    rd = RunDir.open(root, cfg.name, cfg)
+    recs = [dict(type="phase", phase="search", wall_s=search[0], flops=search[1]),
+            dict(type="mask", init_val_loss=init_loss, init_val_acc=init_acc)]
+    recs += [dict(type="epoch", epoch=e, train_acc=train * e / epochs, test_acc=test * e / epochs)
+             for e in range(1, epochs + 1)]
+    recs += [dict(type="phase", phase="training", wall_s=training[0], flops=training[1]),
+             dict(type="phase", phase="evaluation", wall_s=1.0, flops=1e8),
+             dict(type="final", train_acc=train, test_acc=test)]
+    rd.upsert(*recs)
+    if done:
+        rd.mark_done({})
+    return rd
+
+
+W = dict(test=[0.80, 0.82, 0.85], train=[0.90, 0.91, 0.93], loss=[2.20, 2.21, 2.19], acc=[0.12, 0.14, 0.13])
+R = dict(test=[0.78, 0.80, 0.79], train=[0.89, 0.92, 0.90], loss=[2.30, 2.28, 2.33], acc=[0.10, 0.09, 0.11])
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "res"
+    for s in range(3):
+        fake_run(root, "dense", 0.0, s, 0.9 + 0.01 * s, 0.95, 2.3, 0.1)
+        fake_run(root, "weedout", 0.5, s, W["test"][s], W["train"][s], W["loss"][s], W["acc"][s],
+                 search=(5.0, 3e8), training=(4.0, 6e8))
+        fake_run(root, "random", 0.5, s, R["test"][s], R["train"][s], R["loss"][s], R["acc"][s],
+                 training=(4.0, 6e8))
+    fake_run(root, "weedout", 0.8, 0, 0.7, 0.75, 2.2, 0.1, search=(1.0, 1e8))  # n = 1
+    fake_run(root, "random", 0.8, 0, 0.69, 0.74, 2.3, 0.1)
+    fake_run(root, "random", 0.8, 1, 0.1, 0.1, 2.3, 0.1, done=False)  # interrupted: left out
+    return root
+
+
+def hand_mean_ci(xs):
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, T_975[n - 1] * sd / math.sqrt(n)
+
+
+def hand_welch(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    p = special.betainc(df / 2, 0.5, df / (df + t * t))  # two-sided p of Student t, via the incomplete beta
+    return t, p, df
+
+
+def test_mean_ci_and_welch_against_hand_values():
+    m, ci = report.mean_ci(W["test"])
+    hm, hci = hand_mean_ci(W["test"])
+    assert m == pytest.approx(0.8233333333333334, abs=1e-12) and m == pytest.approx(hm)
+    assert ci == pytest.approx(hci, rel=1e-9) and ci == pytest.approx(0.062516, abs=1e-5)
+    t, p, df = report.welch(W["test"], R["test"])
+    ht, hp, hdf = hand_welch(W["test"], R["test"])
+    assert (t, p, df) == pytest.approx((ht, hp, hdf), rel=1e-9)
+    assert report.mean_ci([0.5]) == (0.5, pytest.approx(math.nan, nan_ok=True))
+    assert all(math.isnan(v) for v in report.welch([0.5], [0.4, 0.6]))
+    assert all(math.isnan(v) for v in report.welch([0.5, 0.5], [0.4, 0.4]))  # no variance: undefined
+
+
+def test_report_files_and_numbers(results, tmp_path):
+    rep = report.write_report(results)
+    for name in report.REPORT_FILES:
+        assert os.path.getsize(rep.paths[name]) > 0
+    for png in ("figure2.png", "curves.png"):
+        assert open(rep.paths[png], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(results) if n.startswith(".") and n.endswith(".tmp")]
+    assert len(rep.collection.runs) == 11 and len(rep.collection.incomplete) == 1
+
+    rows = list(csv.DictReader(open(rep.paths["summary.csv"])))
+    by = {(r["arm"], float(r["sparsity"])): r for r in rows}
+    assert set(by) == {("dense", 0.0), ("weedout", 0.5), ("random", 0.5), ("weedout", 0.8), ("random", 0.8)}
+    w = by[("weedout", 0.5)]
+    for key, vals in (("test_acc", W["test"]), ("train_acc", W["train"]), ("init_val_loss", W["loss"])):
+        m, ci = hand_mean_ci(vals)
+        assert float(w[f"{key}_mean"]) == pytest.approx(m, rel=1e-5)
+        assert float(w[f"{key}_ci95"]) == pytest.approx(ci, rel=1e-5)
+    for key in ("test_acc", "train_acc", "init_val_loss", "init_val_acc"):
+        name = {"test_acc": "test", "train_acc": "train", "init_val_loss": "loss", "init_val_acc": "acc"}[key]
+        t, p, _ = hand_welch(W[name], R[name])
+        assert float(w[f"welch_t_{key}"]) == pytest.approx(t, rel=1e-5)
+        assert float(w[f"welch_p_{key}"]) == pytest.approx(p, rel=1e-5)
+    assert by[("random", 0.5)]["welch_p_test_acc"] == ""  # the test is reported on the weedout row
+    assert int(w["n"]) == 3 and w["seeds"] == "0 1 2"
+    # compute: search vs training
+    assert float(w["search_flops_mean"]) == 3e8 and float(w["training_flops_mean"]) == 6e8
+    assert float(w["search_share_flops"]) == pytest.approx(1 / 3)
+    assert float(w["search_share_wall"]) == pytest.approx(5 / 9)
+    assert float(by[("random", 0.5)]["search_share_flops"]) == 0
+    # n = 1: a mean, no interval, no test
+    w8 = by[("weedout", 0.8)]
+    assert float(w8["test_acc_mean"]) == pytest.approx(0.7) and w8["test_acc_ci95"] == "" and w8["welch_p_test_acc"] == ""
+
+    md = open(rep.paths["report.md"]).read()
+    m, ci = hand_mean_ci(W["test"])
+    assert f"{100 * m:.2f} ± {100 * ci:.2f}" in md
+    assert "figure2.png" in md and "1 incomplete" in md
+    # dense -> 80%: the headline
+    assert "dense → eta=0.8" in md
+
+    # a second report over the same results gives the same tables
+    again = report.write_report(results, tmp_path / "elsewhere")
+    assert open(again.paths["summary.csv"]).read() == open(rep.paths["summary.csv"]).read()
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(RunError, match="does not exist"):
+        report.write_report(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="no finished"):
+        report.write_report(tmp_path / "empty")
+    rd = fake_run(tmp_path / "bad", "dense", 0.0, 0, 0.9, 0.9, 2.3, 0.1)
+    cfgp = os.path.join(rd.path, runs.CONFIG_NAME)
+    with open(cfgp) as f:
+        text = f.read()
+    with open(cfgp, "w") as f:
+        f.write(text.replace('"seed": 0', '"seed": 5'))
+    with pytest.raises(RunError, match="hash"):
+        report.write_report(tmp_path / "bad")

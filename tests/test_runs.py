@@ -1,0 +1,209 @@
+"""Run directories: config hashing (whole config, defaults included), atomic JSONL, validation."""
+
+import dataclasses
+import errno
+import json
+import os
+import tempfile
+
+import pytest
+
+from fastweedout import runs
+from fastweedout.experiment import (DataConfig, ModelConfig, RunConfig, SearchConfig, TrainingConfig,
+                                    make_run_config)
+from fastweedout.runs import RunDir, RunError
+
+
+def base_config(**kw) -> RunConfig:
+    return RunConfig(data=DataConfig("synthetic", val_size=40, train_subset=100, synthetic=dict(train_size=200)),
+                     model=ModelConfig("wrn_10_1"), arm="weedout", sparsity=0.5, mode="layerwise", seed=1,
+                     search=SearchConfig(population=4, batch_size=16), training=TrainingConfig(epochs=2), **kw)
+
+
+# A different valid value for every leaf field the mutation test visits.
+_STRINGS = {("model", "name"): "wrn_16_1", ("mode",): "global", ("search", "metric"): "accuracy",
+            ("search", "bn"): "running", ("search", "engine"): "loop", ("training", "schedule"): "step"}
+_NONES = {("data", "val_size"): 30, ("data", "train_subset"): 50, ("search", "batch_size"): 8,
+          ("training", "compile"): False, ("training", "amp"): False, ("training", "channels_last"): True}
+_SKIP = {("arm",), ("data", "name"), ("search", "strategy"), ("mask_sha256",)}  # structural: tested separately
+
+
+def _leaves(d, prefix=()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _changed(path, v):
+    if path in _SKIP:
+        return None
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 1
+    if isinstance(v, float):
+        return v / 2 if v > 0 else 0.1
+    if v is None:
+        return _NONES.get(path)
+    return _STRINGS.get(path)
+
+
+def test_every_field_changes_the_hash():
+    cfg = base_config()
+    d = cfg.to_dict()
+    h = cfg.hash
+    assert len(h) == runs.HASH_CHARS and RunConfig.from_dict(json.loads(json.dumps(d))).hash == h
+    visited = 0
+    for path, v in _leaves(d):
+        new = _changed(path, v)
+        if new is None:
+            assert path in _SKIP, f"no mutation for field {path}"
+            continue
+        m = json.loads(json.dumps(d))
+        node = m
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = new
+        assert RunConfig.from_dict(m).hash != h, f"changing {'.'.join(path)} left the hash unchanged"
+        visited += 1
+    assert visited > 30  # data, synthetic, model, search, training, top-level fields
+
+
+def test_defaults_are_part_of_the_hash():
+    cfg = base_config()
+    d = cfg.to_dict()
+    # Every field is written, defaults included, so a changed default never silently aliases old runs.
+    assert d["training"]["weight_decay"] == 5e-4 and d["search"]["generations"] == 5
+    assert d["data"]["synthetic"]["image_size"] == 16 and d["version"] == 1
+    explicit = dataclasses.replace(cfg, training=TrainingConfig(epochs=2, lr=0.1, weight_decay=5e-4))
+    assert explicit.hash == cfg.hash
+    assert runs.config_hash({**d, "training": {k: v for k, v in d["training"].items() if k != "lr"}}) != cfg.hash
+    # numbers are normalised: 0 and 0.0, 1 and 1.0 hash alike
+    assert dataclasses.replace(cfg.training, lr=1).lr == 1.0
+    assert dataclasses.replace(cfg, sparsity=0.5).hash == cfg.hash
+
+
+def test_structural_fields_change_the_hash():
+    data, model = DataConfig("synthetic"), ModelConfig()
+    kw = dict(data=data, model=model, training=TrainingConfig(epochs=1), seed=0)
+    w, r = make_run_config("weedout", 0.5, **kw), make_run_config("random", 0.5, **kw)
+    d0, d1 = make_run_config("weedout", 0.0, **kw), make_run_config("random", 0.0, **kw)
+    assert d0 == d1 and d0.arm == "dense" and d0.search is None and d0.mode is None  # one dense run per seed
+    assert len({w.hash, r.hash, d0.hash}) == 3
+    assert make_run_config("weedout", 0.5, **{**kw, "data": DataConfig("fashion-mnist")}).hash != w.hash
+    assert RunConfig.from_dict({**w.to_dict(), "training": None}).hash != w.hash  # search-only run
+
+
+def test_invalid_configs_are_rejected():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        DataConfig("imagenet")
+    with pytest.raises(ValueError, match="unknown model"):
+        ModelConfig("resnet50")
+    with pytest.raises(ValueError, match="depth"):
+        ModelConfig("wrn_11_1")
+    with pytest.raises(ValueError, match="sparsity"):
+        dataclasses.replace(base_config(), sparsity=1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingConfig(epochs=0)
+    with pytest.raises(ValueError, match="unknown arm"):
+        make_run_config("lottery", 0.5, data=DataConfig("synthetic"), model=ModelConfig())
+    with pytest.raises(ValueError, match="unknown RunConfig fields"):
+        RunConfig.from_dict({**base_config().to_dict(), "extra": 1})
+    with pytest.raises(ValueError, match="dense"):
+        RunConfig(arm="weedout", sparsity=0.0)
+
+
+def test_run_dir_is_named_by_the_hash_and_checked(tmp_path):
+    cfg = base_config()
+    rd = RunDir.open(tmp_path, cfg.name, cfg)
+    assert rd.name == f"{cfg.name}-{cfg.hash}"
+    assert json.load(open(rd.file("config.json"))) == cfg.to_dict()
+    assert RunDir.open(tmp_path, cfg.name, cfg).path == rd.path  # re-opened, verified
+    assert runs.check_results_dir(tmp_path) == str(tmp_path)
+    # a hand-edited config no longer matches the name it is stored under
+    d = cfg.to_dict()
+    d["seed"] = 7
+    with open(rd.file("config.json"), "w") as f:
+        json.dump(d, f)
+    with pytest.raises(RunError, match="hash"):
+        runs.check_results_dir(tmp_path)
+    with pytest.raises(RunError, match="hash"):
+        RunDir.open(tmp_path, cfg.name, cfg)
+
+
+def test_results_dir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunError, match="not a directory"):
+        runs.check_results_dir(f)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(RunError, match="disk full"):
+        runs.check_results_dir(tmp_path / "new")
+
+
+def test_jsonl_upsert_never_duplicates_and_is_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "results.jsonl"
+    runs.upsert_jsonl(p, [dict(type="epoch", epoch=1, acc=0.1), dict(type="phase", phase="search", wall_s=1.0)])
+    runs.upsert_jsonl(p, [dict(type="epoch", epoch=2, acc=0.2), dict(type="epoch", epoch=1, acc=0.15)])
+    recs = runs.read_jsonl(p)
+    assert [(r["type"], r.get("epoch")) for r in recs] == [("epoch", 1), ("phase", None), ("epoch", 2)]
+    assert recs[0]["acc"] == 0.15  # replaced in place, not appended
+    runs.upsert_jsonl(p, [dict(type="final", loss=float("nan"))])
+    assert runs.read_jsonl(p)[-1]["loss"] is None  # JSON has no NaN
+    before = p.read_bytes()
+
+    def boom(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        runs.upsert_jsonl(p, [dict(type="epoch", epoch=3)])
+    assert p.read_bytes() == before  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == ["results.jsonl"]  # and no temporary file is left
+
+
+def test_corrupt_jsonl_is_reported_with_its_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"type": "epoch", "epoch": 1}\n{"type": "ep')
+    with pytest.raises(RunError, match="line 2"):
+        runs.read_jsonl(p)
+
+
+def test_lock_keeps_a_second_process_out(tmp_path):
+    cfg = base_config()
+    a = RunDir.open(tmp_path, cfg.name, cfg)
+    b = RunDir.open(tmp_path, cfg.name, cfg)
+    with a:
+        with pytest.raises(RunError, match="another process"):
+            b.lock()
+    with b:  # released
+        pass
+
+
+def test_done_marker_and_strip_timing(tmp_path):
+    cfg = base_config()
+    rd = RunDir.open(tmp_path, cfg.name, cfg)
+    assert not rd.is_done() and rd.done_summary() is None
+    rd.mark_done(dict(final=dict(test_acc=0.5, wall_time_s=3.0)))
+    assert rd.is_done() and rd.done_summary()["final"]["test_acc"] == 0.5
+    assert runs.strip_timing([dict(a=1, wall_s=2.0, b=dict(train_time_s=1, c=2))]) == [dict(a=1, b=dict(c=2))]
+
+
+def test_temporaries_left_by_a_kill_are_removed(tmp_path):
+    cfg = base_config()
+    rd = RunDir.open(tmp_path, cfg.name, cfg)
+    os.makedirs(rd.train_dir)
+    junk = [rd.file(".results.jsonl.k3j.tmp"), rd.file("mask.pt.tmp.4242"),
+            os.path.join(rd.train_dir, "checkpoint.pt.tmp.77"), os.path.join(rd.train_dir, ".checkpoint.prev.x.tmp.pt")]
+    keep = [rd.file("results.jsonl"), os.path.join(rd.train_dir, "checkpoint.pt")]
+    for p in junk + keep:
+        open(p, "w").close()
+    with rd:
+        assert sorted(rd.remove_temporaries()) == sorted(os.path.basename(p) for p in junk)
+    assert all(os.path.exists(p) for p in keep) and not any(os.path.exists(p) for p in junk)
