@@ -9,6 +9,7 @@ an unusable results directory), reported as one line on stderr before anything i
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -22,6 +23,9 @@ from .runs import RunError
 DEFAULT_RESULTS = "runs"
 DEMO_RESULTS = os.path.join("runs", "demo")
 PROG = "fastweedout"
+DETERMINISTIC_HELP = ("deterministic GPU kernels: torch.use_deterministic_algorithms(True), cudnn.deterministic, "
+                      "no cudnn.benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, no Triton block-size autotuning "
+                      "(slower; CPU runs are deterministic without it)")
 
 
 class UsageError(Exception):
@@ -159,6 +163,7 @@ def _runtime_opts() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=_int_at_least(1), help="search: members scored at once (default: what "
                    "fits in memory)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     return p
 
 
@@ -276,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_threads, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
 
     sub.add_parser("bench", add_help=False, help="benchmarks (fastweedout.bench); `fastweedout bench --help`")
     return parser
@@ -347,7 +353,8 @@ def cmd_search(args) -> int:
     fit = s["search"]["best_fitness"][-1]
     print(f"{'already done' if out.skipped else 'done'}: winner fitness {fit:.4f} "
           f"(validation accuracy before training {100 * s['init']['init_val_acc']:.2f}%), "
-          f"{s['search']['wall_time_s']:.1f} s, {s['search']['flops_useful'] / 1e9:.3g} GFLOP")
+          f"{s['search']['wall_time_s']:.1f} s, {s['search']['flops_useful'] / 1e9:.3g} GFLOP; engine "
+          f"{s['search']['engine']}, scored in chunks of {s['search']['chunk_size']} members")
     print(f"mask: {args.out or mask}")
     print(f"summary: {os.path.join(out.path, 'summary.json')}")
     return 0
@@ -364,6 +371,12 @@ def cmd_train(args) -> int:
     if args.mask is not None:
         mask = read_mask_file(args.mask)
         meta = getattr(mask, "meta", {}) or {}
+        if meta.get("model") not in (None, model_cfg.name):
+            raise UsageError(f"{PROG} train: error: mask file {args.mask} was chosen for model {meta['model']}, "
+                             f"not {model_cfg.name} (pass --model {meta['model']})")
+        if meta.get("dataset") not in (None, data_cfg.name):
+            warnings.warn(f"the mask in {args.mask} was chosen on dataset {meta['dataset']}; training it on "
+                          f"{data_cfg.name}", RuntimeWarning)
         seed = args.seed if args.seed is not None else int(meta.get("seed", 0))
         if args.seed is not None and "seed" in meta and int(meta["seed"]) != args.seed:
             warnings.warn(f"the mask was chosen for the initial weights of seed {meta['seed']}; training it "
@@ -410,9 +423,15 @@ def cmd_experiment(args) -> int:
         print(f"[{done[0]}/{len(configs)}] {_final_line(out)} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     res = run_grid(configs, args.results, _runtime(args), on_run=report_run)
-    print(f"{len(configs)} runs: {res.ran} ran, {res.skipped} already done, {len(res.failures)} failed "
-          f"({time.perf_counter() - t0:.0f} s). Results in {args.results}; tables and plots: "
-          f"{PROG} report {args.results}")
+    took = f"({time.perf_counter() - t0:.0f} s)"
+    if res.world_size > 1:  # every rank prints its own line and counts only the runs it handled
+        print(f"rank {res.rank} of {res.world_size}: {len(configs)} runs in the grid; this rank: {res.ran} ran, "
+              f"{res.skipped} already done, {len(res.elsewhere)} left to other ranks, {len(res.failures)} failed "
+              f"{took} (counts are this rank's own; the grid is complete when every rank has finished "
+              f"without failures). Results in {args.results}; tables and plots: {PROG} report {args.results}")
+    else:
+        print(f"{len(configs)} runs: {res.ran} ran, {res.skipped} already done, {len(res.failures)} failed "
+              f"{took}. Results in {args.results}; tables and plots: {PROG} report {args.results}")
     for cfg, err in res.failures:
         print(f"failed: {cfg.name}: {' '.join(err.split())}", file=sys.stderr)
     return 1 if res.failures else 0
@@ -516,6 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if getattr(args, "deterministic", False):
+            from .experiment import set_deterministic
+
+            set_deterministic()
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(_one_line(e), file=sys.stderr)
@@ -528,7 +551,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RunError, OSError) as e:
         # Bad input (ValueError covers DatasetError), an unusable results directory or disk, a missing file.
         prefix = f"{PROG} {command}" if command in COMMANDS else PROG
-        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        msg = _one_line(e)
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            msg = (f"cannot write ({_DISK_ERRORS[e.errno]}): {msg}. Every file is written to a temporary and renamed, "
+                   "so nothing already written is damaged; fix the disk and run the same command again to resume")
+        print(f"{prefix}: error: {msg}", file=sys.stderr)
         if os.environ.get("FASTWEEDOUT_DEBUG"):
             traceback.print_exc()
         return 2
@@ -543,6 +570,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _internal(e)
     finally:
         warnings.formatwarning = old_format
+
+
+_DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EIO: "I/O error"}
 
 
 def _internal(e: BaseException) -> int:

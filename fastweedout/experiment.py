@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import runs
+from . import distributed, runs
 from .data import DATASETS, Dataset, DeviceLoader, SyntheticConfig, load_dataset
 from .flops import forward_flops
 from .masks import MODES, Masks, sample_masks
@@ -309,6 +309,16 @@ class Runtime:
         return dev
 
 
+def set_deterministic() -> None:
+    """Ask for deterministic kernels (``fastweedout ... --deterministic``): run-to-run bitwise equal
+    results on the same GPU and software, at some speed cost. CPU runs are deterministic without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS: fixed workspace, fixed reduction order
+    os.environ["FASTWEEDOUT_AUTOTUNE"] = "0"  # Triton conv: the heuristic block sizes, not the fastest-timed ones
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def load_data(cfg: DataConfig, runtime: Runtime | None = None) -> Dataset:
     """The dataset of a config, on the runtime's device, its training split cut to ``train_subset``."""
     runtime = runtime or Runtime()
@@ -427,7 +437,8 @@ def _obtain_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, r
         res = random_search(model, vx, vy, population=s.population, generations=s.generations,
                             sparsity=cfg.sparsity, mode=cfg.mode, batch_size=s.batch_size, metric=s.metric,
                             bn=s.bn, engine=s.engine, seed=derive_seed(cfg.seed, "mask"), strategy=s.strategy,
-                            chunk_size=runtime.chunk_size, checkpoint=ck, progress=runtime.progress)
+                            chunk_size=runtime.chunk_size, checkpoint=ck, progress=runtime.progress,
+                            distributed=False)  # a run is one rank's: never shard its search over the grid's ranks
         mask = res.winner
         search_summary = res.summary()
     elif cfg.arm == "random":
@@ -440,6 +451,8 @@ def _obtain_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, r
         mask = given
     bn = cfg.search.bn if cfg.search is not None else "batch"
     meta = dict(config_hash=cfg.hash, arm=cfg.arm, seed=cfg.seed, model=cfg.model.name,
+                model_config=dict(runs.to_jsonable(cfg.model), in_channels=model.in_channels,
+                                  num_classes=model.num_classes),
                 dataset=cfg.data.name, node_layers=dict(layers), search=search_summary,
                 init=evaluate_at_init(model, mask, vx, vy, bn))
     mask.save(rd.mask_path, **meta)
@@ -598,6 +611,11 @@ def grid_configs(*, data: DataConfig, model: ModelConfig, search: SearchConfig, 
 class GridOutcome:
     outcomes: list[RunOutcome]
     failures: list[tuple[RunConfig, str]]  # runs that stopped with an error (e.g. a diverged training)
+    # Distributed grid (under torchrun/srun): this rank's place, and the runs it left to other ranks
+    # (held by a live rank when it came to them). Every count here is this rank's own.
+    rank: int = 0
+    world_size: int = 1
+    elsewhere: list[RunConfig] = field(default_factory=list)
 
     @property
     def ran(self) -> int:
@@ -630,20 +648,37 @@ def run_grid(configs: Sequence[RunConfig], results: str | os.PathLike, runtime: 
     runs.check_results_dir(results)  # creates it, now that the input is known to be good
     outcomes: list[RunOutcome] = []
     failures: list[tuple[RunConfig, str]] = []
+    elsewhere: list[RunConfig] = []
     from tqdm.auto import tqdm
 
+    # --- distributed grid (fastweedout.distributed): under torchrun/srun each rank takes whole runs.
+    rank, world = distributed.world()
+    if world > 1:
+        configs = distributed.grid_for_rank(list(configs), rank, world)  # own share first, then steal
+        if runtime.resolved_device().type == "cuda":
+            torch.cuda.set_device(distributed.local_rank())  # one GPU per rank
+    # --- end distributed grid
     bar = tqdm(configs, desc="runs", unit="run", disable=not runtime.progress, file=sys.stderr)
     for c in bar:
         bar.set_postfix_str(c.name)
         try:
-            out = execute_run(c, results, runtime, data=cache[runs.canonical_json(c.data)])
+            # --- distributed grid: run only what this rank claims (released after the run, also on errors)
+            if world > 1:
+                path = RunDir.open(results, c.name, c).path
+                with distributed.claimed(path) as mine:
+                    if not mine and not os.path.exists(os.path.join(path, runs.DONE_NAME)):
+                        elsewhere.append(c)
+                        continue  # being run by a live rank
+                    out = execute_run(c, results, runtime, data=cache[runs.canonical_json(c.data)])
+            else:  # --- end distributed grid
+                out = execute_run(c, results, runtime, data=cache[runs.canonical_json(c.data)])
         except TrainingDiverged as e:
             failures.append((c, str(e)))
             continue
         outcomes.append(out)
         if on_run is not None:
             on_run(out)
-    return GridOutcome(outcomes, failures)
+    return GridOutcome(outcomes, failures, rank=rank, world_size=world, elsewhere=elsewhere)
 
 
 def read_mask_file(path: str | os.PathLike) -> Masks:
@@ -675,4 +710,5 @@ def check_mask_fits(mask: Masks, cfg: RunConfig, data: Dataset, path: str) -> No
 __all__ = ["ALL_ARMS", "ARMS", "DataConfig", "GridOutcome", "ModelConfig", "RunConfig", "RunOutcome", "Runtime",
            "SearchConfig", "TrainingConfig", "build_model", "check_against_data", "check_mask_fits",
            "dataset_key", "derive_seed", "evaluate_at_init", "execute_run", "given_config", "grid_configs",
-           "load_data", "make_run_config", "mask_digest", "precheck_results", "normalized_val", "read_mask_file", "run_grid"]
+           "load_data", "make_run_config", "mask_digest", "precheck_results", "normalized_val", "read_mask_file", "run_grid",
+           "set_deterministic"]

@@ -122,10 +122,9 @@ class Masks:
 
     def save(self, path: Union[str, os.PathLike], **meta) -> None:
         """Write atomically (temporary file + rename); ``meta`` is stored alongside (e.g. model config)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save({**self.state_dict(), "meta": meta}, tmp)
-        os.replace(tmp, path)
+        from .runs import atomic_torch_save
+
+        atomic_torch_save({**self.state_dict(), "meta": meta}, os.fspath(path))  # fsynced; no temporary left on errors
 
     @staticmethod
     def load(path: Union[str, os.PathLike], node_layers: Mapping[str, int] | None = None) -> "Masks":

@@ -37,7 +37,8 @@ MASK_NAME = "mask.pt"
 SEARCH_CHECKPOINT = "search.ckpt"
 TRAIN_DIR = "train"
 LOCK_NAME = ".lock"
-_TEMPORARY = re.compile(r"^(\..+\.tmp(\.[A-Za-z0-9]+)?|.+\.tmp\.\d+)$")
+# ours: .NAME.XXXX.tmp[.ext]; train's, the masks': NAME.tmp.PID; the search's: NAME.tmp.HOST.PID
+_TEMPORARY = re.compile(r"^(\..+\.tmp(\.[A-Za-z0-9]+)?|.+\.tmp\.([^/]+\.)?\d+)$")
 _RUN_DIR = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{%d})$" % HASH_CHARS)
 # Fields of records that measure time: they differ between an interrupted and an uninterrupted run.
 TIMING_KEYS = frozenset({"wall_s", "wall_time_s", "train_time_s", "eval_time_s", "created", "finished",
@@ -120,6 +121,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync it, rename it over ``path`` (the
+    temporary is removed on any error, e.g. a full disk, and the old file stays as it was)."""
+    import torch
+
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    try:
+        _default_mode(tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -415,7 +438,7 @@ class RunDir:
 
     def remove_temporaries(self) -> list[str]:
         """Delete the temporary files a kill left behind (ours: ``.NAME.*.tmp*``; train's and the
-        search's: ``NAME.tmp.PID``). Call it only while holding the lock."""
+        masks': ``NAME.tmp.PID``; the search's: ``NAME.tmp.HOST.PID``). Call it only while holding the lock."""
         removed = []
         for d in (self.path, self.train_dir):
             if not os.path.isdir(d):
@@ -444,7 +467,8 @@ def iter_run_dirs(results: str | os.PathLike) -> Iterator[tuple[str, dict]]:
             yield d, verify_run_dir(d)
 
 
-__all__ = ["RunDir", "RunError", "atomic_copy", "atomic_output", "atomic_write_bytes", "atomic_write_json",
+__all__ = ["RunDir", "RunError", "atomic_copy", "atomic_output", "atomic_torch_save", "atomic_write_bytes",
+           "atomic_write_json",
            "atomic_write_text", "canonical_json", "check_results_dir", "config_hash", "iter_run_dirs",
            "read_jsonl", "record_key", "run_dir_name", "strip_timing", "to_jsonable", "upsert_jsonl",
            "verify_run_dir", "HASH_CHARS"]

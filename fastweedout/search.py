@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 from .flops import CONVENTION, scoring_flops
 from .masks import MODES, Masks, Sparsity, layer_sparsities, sample_masks
 from .model import BN_MODES, WideResNet
+from .runs import atomic_torch_save
 from .scoring import ENGINES, METRICS, check_batch, score_population
 
 STRATEGIES = ("random", "tournament", "evolution")
@@ -88,10 +88,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _save_state(path: str, state: dict) -> None:
-    # Ranks of a sharded search write the same state; host + pid keeps their temporaries apart.
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Ranks of a sharded search write the same state; each writes its own unique temporary (mkstemp).
+    atomic_torch_save(state, path)
 
 
 def random_search(model: WideResNet, images: Tensor, labels: Tensor, population: int = 100,

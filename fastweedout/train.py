@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .data import Dataset, DeviceLoader
 from .flops import forward_flops, train_step_flops
 from .model import MaskedBackend, WideResNet
+from .runs import atomic_torch_save
 
 SCHEDULES = ("cosine", "step")
 STEP_MILESTONES = (0.3, 0.6, 0.8)  # fractions of the epochs (WRN: 60/120/160 of 200)
@@ -306,7 +307,7 @@ def train(model: WideResNet, mask: Mapping[str, Tensor] | None, data: Dataset, c
         amp = (torch.autocast(device.type, dtype=torch.bfloat16) if opts["amp"]
                else contextlib.nullcontext())
         bench = torch.backends.cudnn.benchmark
-        if device.type == "cuda":
+        if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         t_call = time.perf_counter()
         completed = start_epoch >= config.epochs
@@ -448,9 +449,7 @@ def _save_checkpoint(path, identity, mask, net, opt, sched, loader, device, reco
         "phases": {k: v.to_dict() for k, v in phases.items()},
     }
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    atomic_torch_save(state, path)  # temporary + fsync + rename: a crash mid-write leaves the previous checkpoint intact
 
 
 def _to_cpu(obj):

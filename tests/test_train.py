@@ -1,11 +1,12 @@
 """Training: learning, masked == pruned, resume == uninterrupted, divergence, schedules, FLOPs."""
 
+import importlib
 import os
 
 import pytest
 import torch
 
-import fastweedout.train as T
+T = importlib.import_module("fastweedout.train")  # the module: `fastweedout.train` is also the function
 from fastweedout import WideResNet, create_model, sample_masks
 from fastweedout.data import load_dataset
 from fastweedout.flops import forward_flops
