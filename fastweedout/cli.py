@@ -185,6 +185,7 @@ def _search_opts(sparsity: bool = True) -> argparse.ArgumentParser:
     from .masks import MODES
     from .model import BN_MODES
     from .scoring import ENGINES, METRICS
+    from .search import STRATEGIES
 
     p = _Parser(add_help=False)
     g = p.add_argument_group("sparsity and the Weedout search")
@@ -200,6 +201,9 @@ def _search_opts(sparsity: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--metric", choices=METRICS, default="loss", help="fitness: -loss (default) or accuracy")
     g.add_argument("--bn", choices=BN_MODES, default="batch", help="BN statistics while scoring (default batch)")
     g.add_argument("--engine", choices=ENGINES, default="auto", help="scoring engine (default auto)")
+    g.add_argument("--strategy", choices=STRATEGIES, default="random",
+                   help="random (the paper: elite + fresh random masks), tournament (elite + mutated binary-"
+                        "tournament winners) or evolution (elite + mutated members of the top 20%%); default random")
     return p
 
 
@@ -311,7 +315,7 @@ def _search_cfg(args):
     from .experiment import SearchConfig
 
     return SearchConfig(population=args.population, generations=args.generations, batch_size=args.search_batch,
-                        metric=args.metric, bn=args.bn, engine=args.engine)
+                        metric=args.metric, bn=args.bn, engine=args.engine, strategy=args.strategy)
 
 
 def _train_cfg(args):

@@ -834,8 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = json.dumps(res, indent=2)
         print(text)
         if args.json:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            from .runs import atomic_write_text
+            atomic_write_text(args.json, text + "\n")
     return 0 if res["all_ranks_agree"] else 1
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .masks import Masks
+from .model import Backend
 
 CONVENTION = "1 multiply-add = 2 FLOPs; conv and linear layers only (FlopCounterMode's convention)"
 
@@ -33,7 +34,7 @@ class FlopCount:
     layers: dict = field(default_factory=dict)  # conv/linear name -> FLOPs per image
 
 
-class _CountBackend:
+class _CountBackend(Backend):
     def __init__(self, live: Mapping[str, int], in_channels: int):
         self.live, self.in_channels = live, in_channels
         self.c = FlopCount()
@@ -120,3 +121,28 @@ def scoring_flops(model, masks: Masks, batch: int, image_size, engine: str) -> d
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return {"useful": int(useful), "executed": int(executed), "convention": CONVENTION}
+
+
+def training_flops(model, image_size, mask: Mapping | None = None, masked: bool = False) -> dict:
+    """Useful and executed FLOPs per image of one training step (forward + backward).
+
+    ``mask``: one member's node masks (name -> bool ``[C]``) or None (dense). ``masked=False``: the
+    physically pruned network is trained (executed = useful); ``masked=True``: the full network runs
+    under the mask (executed = the dense step, useful = the live sub-network's step).
+    """
+    live = None
+    if mask is not None:
+        live = {k: int(v.sum()) for k, v in mask.items()}
+    useful = train_step_flops(model, image_size, live)
+    executed = train_step_flops(model, image_size) if masked else useful
+    return {"useful": int(useful), "executed": int(executed), "convention": CONVENTION}
+
+
+def counted_flops(fn, *args, **kwargs) -> tuple[int, object]:
+    """(FLOPs that ``torch.utils.flop_counter.FlopCounterMode`` counts while ``fn(*args, **kwargs)`` runs,
+    fn's result): the measured cross-check of the analytic counts (same convention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        out = fn(*args, **kwargs)
+    return int(fc.get_total_flops()), out

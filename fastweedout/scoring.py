@@ -21,6 +21,15 @@ METRICS = ("loss", "accuracy")
 # layer (stream, pre-activation, inner, shortcut, and the op's fp32 temporaries).
 _LIVE_COPIES = 8
 _CPU_BUDGET_BYTES = 2 << 30
+# CPU: a chunk's widest activation tensor (chunk x B x widest channels x H x W) is kept within about
+# the L2 caches of the threads that work on it (2 MiB per thread). Measured (bench/results/README.md,
+# WRN-16-4, P=16, B=64, 2 threads): larger chunks make every op allocate tensors above glibc's mmap
+# threshold (32 MiB), which are mmapped afresh and zero-filled by the kernel on first touch (folded at
+# eta=0 with 16 members per chunk: 2.7M page faults, 4.3 s of system time, 1.4x slower than loop;
+# with 1: as fast as loop); and oneDNN's grouped convolution is slower per FLOP than one plain
+# convolution per member at these sizes (compact at eta=0.8: 0.84 s with 16 members per chunk, 0.42 s
+# with 1). Small activations (WRN-16-2, B=16) still batch several members per chunk.
+_CPU_CHUNK_BYTES_PER_THREAD = 2 << 20
 
 
 def as_masks(masks) -> Masks:
@@ -62,7 +71,8 @@ def auto_engine(masks: Masks, device: torch.device) -> str:
 def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
                budget_bytes: float | None = None) -> int:
     """Members per chunk so that a chunk's activations fit ``budget_bytes`` (default: 60% of the
-    GPU's free memory, or a fixed budget on CPU)."""
+    GPU's free memory; on CPU, a chunk whose widest activation fits the threads' L2 caches, at least
+    one member; see ``_CPU_CHUNK_BYTES_PER_THREAD``)."""
     b, _, h, w = images.shape
     live = None
     if engine == "compact":
@@ -76,6 +86,10 @@ def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
         budget = 0.6 * free
     else:
         budget = _CPU_BUDGET_BYTES
+        if engine != "loop":  # cache-sized chunks (see _CPU_CHUNK_BYTES_PER_THREAD)
+            tensor = widest * b * max(4, images.element_size())
+            cache = _CPU_CHUNK_BYTES_PER_THREAD * torch.get_num_threads()
+            budget = min(budget, per_member * max(1, cache // tensor))
     return max(1, min(masks.population, int(budget // per_member)))
 
 

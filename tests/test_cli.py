@@ -185,3 +185,12 @@ def test_bench_delegates_or_says_it_is_missing(monkeypatch, capsys):
     rc = main(["bench"])
     err = capsys.readouterr().err
     assert rc == 2 and "not installed" in err and "Traceback" not in err
+
+
+def test_search_strategy_flag(tmp_path, capsys):
+    from fastweedout.cli import main
+    base = ["search", "--dataset", "synthetic", "--model", "wrn_10_1", "--population", "4", "--generations", "2",
+            "--search-batch", "16", "--sparsity", "0.5", "--results", str(tmp_path), "--no-progress"]
+    assert main(base + ["--strategy", "evolution"]) == 0
+    assert main(base + ["--strategy", "annealing"]) == 2
+    assert "annealing" in capsys.readouterr().err

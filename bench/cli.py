@@ -1,0 +1,307 @@
+"""``fastweedout bench``: the benchmark suite's command line.
+
+    fastweedout bench scoring  [--quick|--full] [--out DIR] [--threads N] [overrides...]
+    fastweedout bench training [--quick|--full] ...
+    fastweedout bench pipeline [--quick|--full] ...
+    fastweedout bench engines                   # issue 2's CPU engine table: loop vs folded vs compact
+    fastweedout bench report   [--out DIR] [--md FILE] [--all-runs] [FILES...]
+    fastweedout bench all      [--quick|--full] # scoring + training + pipeline (+ kernels on --full) + report
+
+also ``python -m fastweedout.bench.cli ...``. Presets: ``--smoke`` (tiny shapes, seconds: checks the
+runner), ``--quick`` (CPU-sized, < 10 minutes for
+``all`` on a 2-core CPU), no flag (the CPU matrix on a CPU, the headline run on a GPU), ``--full``
+(the GPU headline run: WRN-16-4 and WRN-28-10, P in {10, 100}, bf16; it refuses to start without a
+CUDA device). Rows are appended to ``<out>/<bench>.jsonl`` (default ``bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .common import DEFAULT_OUT, load_average, parse_floats, parse_ints, resolve_device, set_threads
+
+ETAS5 = [0.0, 0.2, 0.4, 0.6, 0.8]
+
+
+class FullNeedsGPU(SystemExit):
+    pass
+
+
+def scoring_preset(preset: str, cuda: bool) -> dict:
+    if preset == "smoke":
+        return dict(models=["wrn_10_1"], populations=[3], etas=[0.0, 0.5], batch=4, image_size=8, repeats=2,
+                    engines=["loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func"])
+    if preset == "quick":
+        return dict(models=["wrn_16_2"], populations=[10], etas=[0.0, 0.4, 0.8], batch=32, repeats=3)
+    if preset == "issue2":
+        return dict(models=["wrn_16_4"], populations=[16], etas=[0.0, 0.4, 0.8], batch=64, repeats=3,
+                    engines=["loop", "folded", "compact", "folded-triton", "compact-triton"])
+    if preset == "full" or (preset == "default" and cuda):
+        return dict(models=["wrn_16_4", "wrn_28_10"], populations=[10, 100], etas=ETAS5, batch=256,
+                    dtype="bfloat16", repeats=10, warmup=2)
+    return dict(models=["wrn_16_2"], populations=[10, 100], etas=ETAS5, batch=64, repeats=3)  # CPU default
+
+
+def training_preset(preset: str, cuda: bool) -> dict:
+    if preset == "smoke":
+        return dict(models=["wrn_10_1"], etas=[0.0, 0.5], batch=4, image_size=8, repeats=2, warmup=1,
+                    compile_modes=[False])
+    if preset == "quick":
+        return dict(models=["wrn_16_2"], etas=[0.0, 0.4, 0.8], batch=32, repeats=3, warmup=2,
+                    compile_etas=[0.0, 0.8])
+    if preset == "full" or (preset == "default" and cuda):
+        return dict(models=["wrn_16_4", "wrn_28_10"], etas=ETAS5, batch=128, repeats=20, warmup=5,
+                    dtypes=["float32", "bfloat16"], compile_etas=[0.0, 0.4, 0.8])
+    return dict(models=["wrn_16_2"], etas=ETAS5, batch=64, repeats=5, warmup=2)
+
+
+def pipeline_preset(preset: str, cuda: bool) -> dict:
+    if preset == "smoke":
+        return dict(model="wrn_10_1", dataset="synthetic", train_size=64, test_size=32, val_size=32, eta=0.5,
+                    population=3, generations=2, search_batch=16, epochs=1, batch_size=16)
+    if preset == "quick":
+        return dict(model="wrn_16_2", dataset="fashion-mnist", train_size=4096, test_size=1024, val_size=512,
+                    eta=0.8, population=50, generations=3, search_batch=128, epochs=1, batch_size=64)
+    if preset == "full" or (preset == "default" and cuda):
+        return dict(model="wrn_28_10", dataset="cifar10", train_size=45000, test_size=10000, val_size=5000,
+                    eta=0.8, population=100, generations=5, search_batch=1000, epochs=1, batch_size=128)
+    return dict(model="wrn_16_2", dataset="fashion-mnist", train_size=5000, test_size=1000, val_size=1000,
+                eta=0.8, population=100, generations=5, search_batch=256, epochs=1, batch_size=128)
+
+
+# ------------------------------------------------------------------------------------ arguments
+def _common(p: argparse.ArgumentParser, presets: bool = True) -> None:
+    if presets:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--quick", action="store_true", help="CPU-sized preset (all: < 10 min on 2 cores)")
+        g.add_argument("--full", action="store_true", help="the GPU headline run (needs a CUDA device)")
+        g.add_argument("--smoke", action="store_true", help="tiny shapes, no compile: checks the runner (seconds)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default bench/results)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default torch's")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastweedout bench", description="fastweedout benchmark suite")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("scoring", help="population scoring: engines vs baselines")
+    _common(s)
+    _scoring_args(s)
+    e = sub.add_parser("engines", help="issue 2's CPU table: loop vs folded vs compact, WRN-16-4, P=16, 64 images")
+    _common(e, presets=False)
+    _scoring_args(e)
+    e.add_argument("--profile", action="store_true",
+                   help="also profile loop vs folded at eta=0 (torch.profiler + page faults) into <out>")
+
+    t = sub.add_parser("training", help="training step: dense vs pruned vs masked, eager vs compile")
+    _common(t)
+    t.add_argument("--models")
+    t.add_argument("--etas")
+    t.add_argument("--batch", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--in-channels", type=int)
+    t.add_argument("--variants", help="comma list of pruned,masked (dense is always eta=0)")
+    t.add_argument("--compile", choices=["both", "eager", "compiled"], default=None)
+    t.add_argument("--compile-etas", help="compile only at these etas")
+    t.add_argument("--dtypes", help="float32,bfloat16")
+    t.add_argument("--repeats", type=int)
+    t.add_argument("--warmup", type=int)
+
+    pl = sub.add_parser("pipeline", help="one Weedout run: search + training + evaluation per phase")
+    _common(pl)
+    pl.add_argument("--model")
+    pl.add_argument("--dataset")
+    pl.add_argument("--train-size", type=int)
+    pl.add_argument("--test-size", type=int)
+    pl.add_argument("--val-size", type=int)
+    pl.add_argument("--eta", type=float)
+    pl.add_argument("--population", type=int)
+    pl.add_argument("--generations", type=int)
+    pl.add_argument("--search-batch", type=int)
+    pl.add_argument("--engine")
+    pl.add_argument("--epochs", type=int)
+    pl.add_argument("--batch-size", type=int)
+
+    r = sub.add_parser("report", help="results JSONL -> Markdown table + PNG plots")
+    r.add_argument("files", nargs="*", help="JSONL files (default: <out>/*.jsonl)")
+    r.add_argument("--out", default=str(DEFAULT_OUT), help="where the PNGs (and README.md) go")
+    r.add_argument("--md", default=None, help="Markdown path (default <out>/README.md)")
+    r.add_argument("--all-runs", action="store_true", help="every run, not only the latest of each kind")
+    r.add_argument("--no-plots", action="store_true")
+
+    a = sub.add_parser("all", help="scoring + training + pipeline (+ kernels on --full) + report")
+    _common(a)
+    a.add_argument("--skip", default="", help="comma list of scoring,training,pipeline,kernels,report to skip")
+    return ap
+
+
+def _scoring_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--models", help="comma list, e.g. wrn_16_2,wrn_16_4")
+    s.add_argument("--populations", help="comma list of P, e.g. 10,100")
+    s.add_argument("--etas", help="comma list of sparsities")
+    s.add_argument("--batch", type=int, help="images per batch")
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--in-channels", type=int)
+    s.add_argument("--engines", help="comma list of loop,folded,compact,folded-triton,compact-triton,"
+                                     "torch.func,folded-compile (default: all that run here)")
+    s.add_argument("--bn", choices=["batch", "running"])
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--chunk-size", type=int, help="members per chunk (default: each engine's auto rule)")
+    s.add_argument("--repeats", type=int)
+    s.add_argument("--warmup", type=int)
+    s.add_argument("--compile-max-population", type=int)
+    s.add_argument("--tag", help="appended to the preset name in the records (keeps a variant run apart in reports)")
+
+
+def _preset(args) -> str:
+    for name in ("full", "quick", "smoke"):
+        if getattr(args, name, False):
+            return name
+    return "default"
+
+
+def _override(d: dict, args, names: dict) -> dict:
+    for arg, (key, conv) in names.items():
+        v = getattr(args, arg, None)
+        if v is not None:
+            d[key] = conv(v) if conv else v
+    return d
+
+
+def _split(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def _check_full(args, device) -> None:
+    if getattr(args, "full", False) and device.type != "cuda":
+        raise FullNeedsGPU(
+            "fastweedout bench --full is the GPU headline run (WRN-16-4 and WRN-28-10, P in {10, 100}, bf16, "
+            f"989 TFLOP/s peak) and needs a CUDA device; this machine has none (device={device}). Nothing was "
+            "run. On a CPU use --quick (< 10 min) or no preset (the CPU-sized matrix: WRN-16-2, P in {10, 100}).")
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_scoring(args, preset: str | None = None) -> list:
+    from .scoring import ScoringConfig, run_scoring
+    device = resolve_device(args.device)
+    _check_full(args, device)
+    preset = preset or _preset(args)
+    d = scoring_preset(preset, device.type == "cuda")
+    _override(d, args, {"models": ("models", _split), "populations": ("populations", parse_ints),
+                        "etas": ("etas", parse_floats), "batch": ("batch", None), "image_size": ("image_size", None),
+                        "in_channels": ("in_channels", None), "engines": ("engines", _split), "bn": ("bn", None),
+                        "dtype": ("dtype", None), "chunk_size": ("chunk_size", None), "repeats": ("repeats", None),
+                        "warmup": ("warmup", None), "compile_max_population": ("compile_max_population", None)})
+    cfg = ScoringConfig(**d, preset=preset + (f"+{args.tag}" if getattr(args, "tag", None) else ""))
+    return run_scoring(cfg, device, Path(args.out) / "scoring.jsonl", quiet=args.quiet)
+
+
+def cmd_engines(args) -> list:
+    from .bench_engines import print_summary
+    rows = cmd_scoring(args, preset="issue2")
+    print_summary(rows)
+    if args.profile:
+        from .bench_engines import profile_eta0
+        r0 = rows[0]
+        profile_eta0(args.out, r0.model, r0.population, r0.batch, r0.image_size)
+    return rows
+
+
+def cmd_training(args) -> list:
+    from .training import TrainingConfig, run_training
+    device = resolve_device(args.device)
+    _check_full(args, device)
+    preset = _preset(args)
+    d = training_preset(preset, device.type == "cuda")
+    _override(d, args, {"models": ("models", _split), "etas": ("etas", parse_floats), "batch": ("batch", None),
+                        "image_size": ("image_size", None), "in_channels": ("in_channels", None),
+                        "variants": ("variants", _split), "compile_etas": ("compile_etas", parse_floats),
+                        "dtypes": ("dtypes", _split), "repeats": ("repeats", None), "warmup": ("warmup", None)})
+    if args.compile is not None:
+        d["compile_modes"] = {"both": [False, True], "eager": [False], "compiled": [True]}[args.compile]
+    cfg = TrainingConfig(**d, preset=preset)
+    return run_training(cfg, device, Path(args.out) / "training.jsonl", quiet=args.quiet)
+
+
+def cmd_pipeline(args) -> list:
+    from .pipeline import PipelineConfig, run_pipeline
+    device = resolve_device(args.device)
+    _check_full(args, device)
+    preset = _preset(args)
+    d = pipeline_preset(preset, device.type == "cuda")
+    _override(d, args, {k: (k, None) for k in ("model", "dataset", "train_size", "test_size", "val_size", "eta",
+                                                "population", "generations", "search_batch", "engine", "epochs",
+                                                "batch_size")})
+    cfg = PipelineConfig(**d, preset=preset)
+    return run_pipeline(cfg, device, Path(args.out) / "pipeline.jsonl", quiet=args.quiet)
+
+
+def cmd_report(args):
+    from .report import build_report, default_paths
+    files = args.files or default_paths(args.out)
+    md, figs = build_report(files, args.out, args.md, all_runs=args.all_runs, plots=not args.no_plots)
+    print(f"report: {md}" + (f" and {len(figs)} plot(s) in {args.out}" if figs else ""))
+    return md
+
+
+def cmd_all(args) -> int:
+    device = resolve_device(args.device)
+    _check_full(args, device)
+    skip = set(_split(args.skip))
+    t0 = time.perf_counter()
+    print(f"[bench all] preset={_preset(args)} device={device} load={load_average()}", flush=True)
+    for name, fn in (("scoring", cmd_scoring), ("training", cmd_training), ("pipeline", cmd_pipeline)):
+        if name in skip:
+            continue
+        ns = argparse.Namespace(**{**_defaults(name), **{k: v for k, v in vars(args).items() if k != "cmd"}})
+        t = time.perf_counter()
+        fn(ns)
+        print(f"[bench all] {name} done in {time.perf_counter() - t:.0f} s", flush=True)
+    if getattr(args, "full", False) and "kernels" not in skip:
+        from . import bench_kernels
+        rc = bench_kernels.main(["--out", str(Path(args.out) / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}.json")])
+        if rc:
+            print(f"[bench all] bench_kernels exited with {rc}", flush=True)
+    if "report" not in skip:
+        cmd_report(argparse.Namespace(files=[], out=args.out, md=None, all_runs=False, no_plots=False))
+    print(f"[bench all] finished in {time.perf_counter() - t0:.0f} s, load={load_average()}", flush=True)
+    return 0
+
+
+def _defaults(cmd: str) -> dict:
+    """The sub-command's own argument defaults (so `all` can call it with a namespace)."""
+    ap = _parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    return {a.dest: a.default for a in sub._actions if a.dest != "help"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        set_threads(args.threads)
+    try:
+        if args.cmd == "scoring":
+            cmd_scoring(args)
+        elif args.cmd == "engines":
+            cmd_engines(args)
+        elif args.cmd == "training":
+            cmd_training(args)
+        elif args.cmd == "pipeline":
+            cmd_pipeline(args)
+        elif args.cmd == "report":
+            cmd_report(args)
+        elif args.cmd == "all":
+            return cmd_all(args)
+    except FullNeedsGPU as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

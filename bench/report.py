@@ -1,0 +1,345 @@
+"""Benchmark results (JSONL rows) -> a Markdown report and PNG plots.
+
+    fastweedout bench report                      # bench/results/*.jsonl -> bench/results/README.md + PNGs
+    fastweedout bench report --all-runs f.jsonl   # every run, not only the latest of each kind
+
+By default only the latest run of each (benchmark, preset, device) is shown; ``<out>/NOTES.md``
+(hand-written findings), when present, is included after the header. Plots: speedup over
+``loop`` against sparsity, one line per engine (one figure per model / population / device); images/s
+of a training step against sparsity per variant; stacked wall time per phase of each pipeline run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Iterable
+
+from .common import DEFAULT_OUT, fmt_num, fmt_s, read_jsonl, slug
+
+PHASE_ORDER = ("search", "training", "evaluation")
+
+
+def latest_runs(rows: list[dict]) -> list[dict]:
+    """Rows of the latest run (by run_id, which starts with a UTC timestamp) per (bench, preset, device)."""
+    last: dict[tuple, str] = {}
+    for r in rows:
+        key = (r["bench"], r.get("preset"), r.get("env", {}).get("device"))
+        if r.get("run_id", "") > last.get(key, ""):
+            last[key] = r.get("run_id", "")
+    return [r for r in rows if r.get("run_id", "") == last[(r["bench"], r.get("preset"), r.get("env", {}).get("device"))]]
+
+
+def _pct(v, digits=1):
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _x(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}x"
+
+
+def _med(r):
+    return (r.get("timing") or {}).get("median_s")
+
+
+def _iqr(r):
+    t = r.get("timing") or {}
+    m = t.get("median_s")
+    return None if not m else (t["q75_s"] - t["q25_s"]) / m
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _env_line(rows: list[dict]) -> str:
+    env = rows[0].get("env", {})
+    loads = [r.get("load_avg_before") for r in rows if r.get("load_avg_before")] + \
+            [r.get("load_avg_after") for r in rows if r.get("load_avg_after")]
+    l1 = [l[0] for l in loads if l]
+    load = f"load average (1 min) {min(l1):.2f}-{max(l1):.2f}" if l1 else "load average unknown"
+    rev = (env.get("git_rev") or "?")[:10] + ("+dirty" if env.get("git_dirty") else "")
+    return (f"{env.get('device')} ({env.get('device_type')}, {env.get('threads')} threads), peak "
+            f"{fmt_num(env.get('peak_flops_per_s'), 'FLOP/s')} {env.get('peak_dtype')} [{env.get('peak_source')}]; "
+            f"torch {env.get('torch')}, triton {env.get('triton')}; git {rev}; {env.get('date')}; {load}")
+
+
+def _groups(rows: list[dict], keys: tuple[str, ...]) -> "OrderedDict[tuple, list[dict]]":
+    g: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in rows:
+        g.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return g
+
+
+# ------------------------------------------------------------------------------------ scoring
+SCORING_KEYS = ("run_id", "preset", "model", "population", "batch", "image_size", "in_channels", "bn", "dtype")
+
+
+def scoring_markdown(rows: list[dict]) -> list[str]:
+    out = ["## Population scoring", "",
+           "Time per call scoring the whole population on one batch (median of interleaved repeats, IQR relative "
+           "to the median); `x loop` = loop's median / this median (wall), `cpu x` the same with process CPU "
+           "time (less sensitive to other processes' load), of which `sys` in the kernel, and the minor page faults "
+           "per call; member-images/s = P x B / median; useful FLOP/s = "
+           "FLOPs of the live sub-networks / median, and its fraction of the device peak; memory = peak "
+           "held at once by the call (CUDA: max allocated; CPU: live tensor storages tracked op by op, or sampled RSS for compiled code); err = max |fitness - loop's| / max |loop's|.",
+           ""]
+    for key, grp in _groups(rows, SCORING_KEYS).items():
+        r0 = grp[0]
+        out += [f"### {r0['model']}, P={r0['population']}, B={r0['batch']}, "
+                f"{r0['in_channels']}x{r0['image_size']}x{r0['image_size']}, bn={r0['bn']}, {r0['dtype']} "
+                f"(preset `{r0['preset']}`)", "", _env_line(grp), ""]
+        etas = sorted({r["eta"] for r in grp})
+        engines = list(OrderedDict.fromkeys(r["engine"] for r in grp))
+        by = {(r["engine"], r["eta"]): r for r in grp}
+        # pivot: speedup over loop
+        head = ["engine"] + [f"eta={e:g}" for e in etas]
+        piv = []
+        for e in engines:
+            cells = []
+            for eta in etas:
+                r = by.get((e, eta))
+                if r is None or r.get("status") != "ok":
+                    cells.append(r.get("status", "-") if r else "-")
+                else:
+                    c = _x(r.get("speedup_vs_loop"))
+                    if r.get("cpu_speedup_vs_loop"):
+                        c += f" (cpu {_x(r['cpu_speedup_vs_loop'])})"
+                    cells.append(c)
+            piv.append([e] + cells)
+        out += ["Speedup over `loop` (wall; CPU time in brackets):", ""] + _table(head, piv) + [""]
+        head = ["eta", "engine", "median", "IQR", "cpu time", "sys time", "page faults", "x loop", "member-img/s",
+                "useful FLOP/s", "% peak", "executed FLOPs", "memory", "chunk", "err", "note"]
+        body = []
+        for eta in etas:
+            for e in engines:
+                r = by.get((e, eta))
+                if r is None:
+                    continue
+                t = r.get("timing") or {}
+                body.append([f"{eta:g}", e, fmt_s(_med(r)), _pct(_iqr(r), 0), fmt_s(t.get("cpu_median_s")),
+                             fmt_s(t.get("sys_median_s")), fmt_num(t.get("minor_faults_median")),
+                             _x(r.get("speedup_vs_loop")), fmt_num(r.get("members_images_per_s")),
+                             fmt_num(r.get("useful_flops_per_s"), "FLOP/s"), _pct(r.get("useful_fraction_of_peak"), 2),
+                             fmt_num(r.get("executed_flops"), "FLOP"), fmt_num(r.get("peak_mem_bytes"), "B"),
+                             r.get("chunk_size") or "-",
+                             "-" if r.get("fitness_rel_err") is None else f"{r['fitness_rel_err']:.1e}",
+                             (r.get("status") if r.get("status") != "ok" else "") +
+                             (" " + r["note"][:60] if r.get("note") else "") +
+                             (f" compile {fmt_s(r['compile_s'])}" if r.get("compile_s") is not None else "")])
+        out += _table(head, body) + [""]
+    return out
+
+
+def scoring_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, grp in _groups(rows, SCORING_KEYS).items():
+        r0 = grp[0]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for e in OrderedDict.fromkeys(r["engine"] for r in grp):
+            pts = sorted((r["eta"], r["speedup_vs_loop"]) for r in grp
+                         if r["engine"] == e and r.get("speedup_vs_loop"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if str(v)[0] in "25" else ""))
+        ax.set_xlabel("sparsity eta (fraction of nodes off per layer)")
+        ax.set_ylabel("speedup over loop (wall time)")
+        dev = r0.get("env", {}).get("device", "")
+        ax.set_title(f"{r0['model']} P={r0['population']} B={r0['batch']} {r0['dtype']}\n{dev}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        p = out_dir / (f"scoring-speedup-{slug(r0['model'])}-p{r0['population']}-b{r0['batch']}-{slug(r0['dtype'])}-"
+                       f"{slug(r0.get('preset') or '')}-{slug(r0.get('env', {}).get('device_type', ''))}.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ training
+TRAINING_KEYS = ("run_id", "preset", "model", "batch", "image_size", "in_channels")
+
+
+def training_markdown(rows: list[dict]) -> list[str]:
+    out = ["## Training step", "",
+           "One SGD step (forward, fp32 cross-entropy, backward, Nesterov SGD) on a device-resident batch; "
+           "`x dense` = the dense network's step time (same dtype and compile mode) / this one; MFU = useful "
+           "FLOPs (live sub-network, forward + backward) per second / peak; `exec % peak` counts what ran "
+           "(masked = the dense step). Compile time (first step minus a timed step, Inductor's on-disk caches "
+           "off) is reported separately; a configuration compiled earlier in the same run reuses its graph.", ""]
+    for key, grp in _groups(rows, TRAINING_KEYS).items():
+        r0 = grp[0]
+        out += [f"### {r0['model']}, batch {r0['batch']}, {r0['in_channels']}x{r0['image_size']}x{r0['image_size']} "
+                f"(preset `{r0['preset']}`)", "", _env_line(grp), ""]
+        head = ["eta", "variant", "compiled", "dtype", "step", "IQR", "images/s", "x dense", "MFU", "exec % peak",
+                "compile", "params", "memory", "note"]
+        body = [[f"{r['eta']:g}", r["variant"], "yes" if r["compiled"] else "no", r["dtype"], fmt_s(_med(r)),
+                 _pct(_iqr(r), 0), fmt_num(r.get("images_per_s")), _x(r.get("speedup_vs_dense")),
+                 _pct(r.get("mfu"), 2), _pct(r.get("executed_fraction_of_peak"), 2), fmt_s(r.get("compile_s")),
+                 fmt_num(r.get("params")), fmt_num(r.get("peak_mem_bytes"), "B"),
+                 "" if r.get("status") == "ok" else f"{r.get('status')} {r.get('note', '')[:60]}"]
+                for r in sorted(grp, key=lambda r: (r["dtype"], r["eta"], r["variant"], r["compiled"]))]
+        out += _table(head, body) + [""]
+    return out
+
+
+def training_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, grp in _groups(rows, TRAINING_KEYS).items():
+        r0 = grp[0]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        dense = {(r["dtype"], r["compiled"]): r for r in grp if r["variant"] == "dense" and r.get("images_per_s")}
+        for (dt, comp, var) in sorted({(r["dtype"], r["compiled"], r["variant"]) for r in grp if r["variant"] != "dense"}):
+            pts = sorted((r["eta"], r["images_per_s"]) for r in grp if (r["dtype"], r["compiled"], r["variant"]) ==
+                         (dt, comp, var) and r.get("images_per_s"))
+            if (dt, comp) in dense:
+                pts = [(0.0, dense[(dt, comp)]["images_per_s"])] + pts
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=f"{var} {dt}{' compiled' if comp else ''}")
+        ax.set_xlabel("sparsity eta")
+        ax.set_ylabel("training images / s")
+        ax.set_yscale("log")
+        ax.set_title(f"{r0['model']} batch {r0['batch']}\n{r0.get('env', {}).get('device', '')}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        p = out_dir / (f"training-{slug(r0['model'])}-b{r0['batch']}-{slug(r0.get('preset') or '')}-"
+                       f"{slug(r0.get('env', {}).get('device_type', ''))}.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ pipeline
+def pipeline_markdown(rows: list[dict]) -> list[str]:
+    out = ["## Pipeline (one Weedout run)", "",
+           "Wall time and FLOPs per phase as the library measures them (`SearchResult.wall_time_s`, "
+           "`TrainResult.phases`); search FLOPs: useful (live sub-networks) and executed (what the engine "
+           "ran); shares are of the run's total wall time and executed FLOPs.", ""]
+    for rid, grp in _groups(rows, ("run_id",)).items():
+        r0 = grp[0]
+        out += [f"### {r0['model']} on {r0['dataset']} ({r0['train_size']} train / {r0['test_size']} test images), "
+                f"eta={r0['eta']:g}, P={r0['population']} x {r0['generations']} generations on {r0['search_batch']} "
+                f"images ({r0['engine']}), {r0['epochs']} epoch(s) batch {r0['batch_size']}"
+                f"{', compiled' if r0.get('compiled') else ''}{', bf16' if r0.get('amp') else ''} "
+                f"(preset `{r0['preset']}`)", "", _env_line(grp), "",
+                f"Test accuracy {r0['test_acc']:.3f}. {r0.get('note') or ''}", ""]
+        head = ["phase", "wall", "share of wall", "FLOPs (useful)", "FLOPs (executed)", "share of FLOPs",
+                "FLOP/s", "% peak"]
+        order = {p: i for i, p in enumerate(PHASE_ORDER + ("total",))}
+        body = [[r["phase"], fmt_s(r["wall_s"]), _pct(r.get("share_wall")), fmt_num(r["flops"], "FLOP"),
+                 fmt_num(r["executed_flops"], "FLOP"), _pct(r.get("share_flops")),
+                 fmt_num(r.get("flops_per_s"), "FLOP/s"), _pct(r.get("fraction_of_peak"), 2)]
+                for r in sorted(grp, key=lambda r: order.get(r["phase"], 9))]
+        out += _table(head, body) + [""]
+    return out
+
+
+def pipeline_plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _groups(rows, ("run_id",))
+    if not runs:
+        return []
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(runs) + 2), 4))
+    labels, bottoms = [], [0.0] * len(runs)
+    for i, (rid, grp) in enumerate(runs.items()):
+        r0 = grp[0]
+        labels.append(f"{r0['model']}\neta={r0['eta']:g} P={r0['population']}\n{r0.get('env', {}).get('device_type')}")
+    colors = {"search": "tab:orange", "training": "tab:blue", "evaluation": "tab:green"}
+    for ph in PHASE_ORDER:
+        vals = []
+        for grp in runs.values():
+            v = [r["wall_s"] for r in grp if r["phase"] == ph]
+            vals.append(v[0] if v else 0.0)
+        ax.bar(range(len(runs)), vals, bottom=bottoms, label=ph, color=colors[ph])
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("wall time (s)")
+    ax.set_title("Weedout run: wall time per phase", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "pipeline-phases.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]
+
+
+# ------------------------------------------------------------------------------------ entry
+def build_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, md_path: str | os.PathLike | None = None,
+                 all_runs: bool = False, plots: bool = True) -> tuple[Path, list[Path]]:
+    """Render the results in ``paths`` (JSONL files) to Markdown (and PNGs in ``out_dir``)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise SystemExit("bench report: no results files (run `fastweedout bench scoring --quick` first)")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"bench report: no such results file(s): {missing}")
+    rows = read_jsonl(paths)
+    if not all_runs:
+        rows = latest_runs(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by = defaultdict(list)
+    for r in rows:
+        by[r["bench"]].append(r)
+    conv = next((r.get("flops_convention") for r in rows if r.get("flops_convention")), "")
+    md = ["# fastweedout benchmark results", "",
+          f"Generated by `fastweedout bench report` from {', '.join(p.name for p in paths)}"
+          f"{' (all runs)' if all_runs else ' (latest run of each benchmark, preset and device)'}.", "",
+          f"FLOP convention: {conv}. Peaks: GPUs at their datasheet dense figure (989 TFLOP/s bf16 for "
+          "H100/H200); CPUs at a measured large fp32 matmul (recorded per run).", ""]
+    notes = out_dir / "NOTES.md"  # hand-written findings, kept across regenerations
+    if notes.exists():
+        md += [notes.read_text().rstrip(), ""]
+    figs: list[Path] = []
+    if by.get("scoring"):
+        md += scoring_markdown(by["scoring"])
+        if plots:
+            figs += scoring_plots(by["scoring"], out_dir)
+    if by.get("training"):
+        md += training_markdown(by["training"])
+        if plots:
+            figs += training_plots(by["training"], out_dir)
+    if by.get("pipeline"):
+        md += pipeline_markdown(by["pipeline"])
+        if plots:
+            figs += pipeline_plot(by["pipeline"], out_dir)
+    if figs:
+        md += ["## Plots", ""] + [f"![{f.stem}]({os.path.relpath(f, Path(md_path or out_dir / 'README.md').parent)})"
+                                  for f in figs] + [""]
+    md_path = Path(md_path) if md_path else out_dir / "README.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = md_path.with_suffix(md_path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, md_path)
+    return md_path, figs
+
+
+def default_paths(out_dir: str | os.PathLike = DEFAULT_OUT) -> list[Path]:
+    return sorted(Path(out_dir).glob("*.jsonl"))
+
+
+__all__ = ["build_report", "default_paths", "latest_runs", "scoring_markdown", "training_markdown",
+           "pipeline_markdown"]

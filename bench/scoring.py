@@ -1,0 +1,358 @@
+"""Population scoring benchmark: every engine and baseline side by side, in one run.
+
+Methods (the ``engine`` column):
+
+* ``loop``, ``folded``, ``compact``: ``fastweedout.score_population`` with that engine, PyTorch ops
+  (``ops.use_kernels(False)``: cuDNN / oneDNN convolutions, the eager epilogue);
+* ``folded-triton``, ``compact-triton``: the same engines with the Triton kernels
+  (``ops.use_kernels(True)``), only where they run natively (a CUDA device; on CPU they would run
+  in Triton's NumPy interpreter, which measures nothing of interest, so they are skipped);
+* ``torch.func``: the outside baseline of vectorising over members: ``torch.func.vmap`` of
+  ``torch.func.functional_call`` of the reference masked network over the members' masks (the
+  weights are shared, so vmap folds the members into the batch);
+* ``folded-compile``: the folded engine's forward + fitness under ``torch.compile`` (Inductor);
+  compile time is measured on the first call and reported separately.
+
+Every method scores the same masks on the same images; its fitness is compared with ``loop``'s
+(``fitness_rel_err``). Reports time (median, quartiles, min/max of interleaved repeats; CPU time on
+CPU), members x images per second, useful and executed FLOPs (``fastweedout.flops.scoring_flops``;
+2 FLOPs per multiply-add) per second, the useful FLOP/s as a fraction of the device's peak, peak
+memory, and the speedup over ``loop`` (wall time, and CPU time on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fastweedout as fw
+from fastweedout import ops
+from fastweedout.engines import FoldedBackend
+from fastweedout.flops import scoring_flops
+from fastweedout.model import MaskedBackend
+from fastweedout.scoring import auto_chunk, member_losses, score_population
+
+from .common import (Env, PeakMemory, Record, Timing, append_jsonl, cold_compile, device_peak, fmt_num, fmt_s,
+                     interleaved, load_average, progress, run_id, sync)
+
+CORE_ENGINES = ("loop", "folded", "compact")
+TRITON_ENGINES = ("folded-triton", "compact-triton")
+BASELINES = ("torch.func", "folded-compile")
+ALL_ENGINES = CORE_ENGINES + TRITON_ENGINES + BASELINES
+# scoring_flops rule for each method's executed FLOPs (vmap and compile run the folded computation).
+FLOPS_RULE = {"loop": "loop", "folded": "folded", "compact": "compact", "folded-triton": "folded",
+              "compact-triton": "compact", "torch.func": "folded", "folded-compile": "folded"}
+
+
+@dataclass
+class ScoringConfig:
+    models: list[str]
+    populations: list[int]
+    etas: list[float]
+    batch: int = 64
+    image_size: int = 32
+    in_channels: int = 3
+    num_classes: int = 10
+    engines: list[str] | None = None  # None: all that can run here
+    mode: str = "layerwise"
+    bn: str = "batch"
+    metric: str = "loss"
+    dtype: str = "float32"
+    repeats: int = 3
+    warmup: int = 0  # untimed calls after the first (which always warms up) and before the memory call
+    chunk_size: int | None = None  # None: each engine's automatic chunking
+    compile_max_population: int = 100  # skip folded-compile above this (compile time grows with P)
+    seed: int = 0
+    preset: str = "custom"
+
+
+@dataclass
+class ScoringRecord(Record):
+    model: str = ""
+    depth: int = 0
+    width: int = 0
+    population: int = 0
+    batch: int = 0
+    image_size: int = 0
+    in_channels: int = 3
+    eta: float = 0.0
+    mask_sparsity: float = 0.0  # measured fraction of nodes off
+    mode: str = "layerwise"
+    bn: str = "batch"
+    metric: str = "loss"
+    dtype: str = "float32"
+    engine: str = ""
+    flops_rule: str = ""
+    chunk_size: int | None = None
+    warmup: int = 0
+    timing: dict | None = None
+    compile_s: float | None = None
+    first_call_s: float | None = None
+    members_images_per_s: float | None = None
+    useful_flops: int = 0  # per call (whole population on the batch)
+    executed_flops: int = 0
+    useful_flops_per_s: float | None = None
+    executed_flops_per_s: float | None = None
+    useful_fraction_of_peak: float | None = None
+    peak_mem_bytes: int | None = None
+    mem_kind: str = ""
+    speedup_vs_loop: float | None = None  # loop median wall / this median wall
+    cpu_speedup_vs_loop: float | None = None  # same with CPU time (CPU runs)
+    fitness_rel_err: float | None = None  # max |f - f_loop| / max |f_loop|
+
+
+# ------------------------------------------------------------------------------------ methods
+class _MaskedNet(nn.Module):
+    """The reference masked network as a module whose masks are an input (for functional_call + vmap)."""
+
+    def __init__(self, net: fw.WideResNet, bn: str):
+        super().__init__()
+        self.net, self.bn = net, bn
+
+    def forward(self, x, masks):
+        return self.net.walk(MaskedBackend(masks, self.bn, False), x)
+
+
+def _even_chunks(p: int, chunk: int) -> list[tuple[int, int]]:
+    """Split p members into equal-as-possible chunks of at most ``chunk`` (few distinct shapes)."""
+    n = math.ceil(p / max(1, chunk))
+    size = math.ceil(p / n)
+    return [(s, min(s + size, p)) for s in range(0, p, size)]
+
+
+def _float_masks(masks, lo, hi, device, dtype):
+    return {k: v[lo:hi].to(device=device, dtype=dtype) for k, v in masks.items()}
+
+
+def make_vmap_scorer(model, masks, x, y, bn, metric, chunk) -> Callable[[], torch.Tensor]:
+    from torch.func import functional_call, vmap
+
+    wrapper = _MaskedNet(model, bn)
+    state = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
+    state = {k: v.detach() for k, v in state.items()}
+
+    def member(fm, xb):
+        return functional_call(wrapper, state, (xb, fm))
+
+    batched = vmap(member, in_dims=(0, None))
+    parts = [_float_masks(masks, lo, hi, x.device, x.dtype) for lo, hi in _even_chunks(masks.population, chunk)]
+
+    @torch.no_grad()
+    def run():
+        return torch.cat([member_losses(batched(fm, x), y, metric).cpu() for fm in parts])
+
+    return run
+
+
+def make_compiled_folded(model, masks, x, y, bn, metric, chunk) -> Callable[[], torch.Tensor]:
+    bsz = x.shape[0]
+
+    def fitness(xb, yb, fm, p: int):
+        return member_losses(model.walk(FoldedBackend(fm, bn, p, bsz), xb), yb, metric)
+
+    cold_compile()
+    compiled = torch.compile(fitness, dynamic=False)
+    parts = [_float_masks(masks, lo, hi, x.device, x.dtype) for lo, hi in _even_chunks(masks.population, chunk)]
+
+    @torch.no_grad()
+    def run():
+        with ops.use_kernels(False):
+            return torch.cat([compiled(x, y, fm, next(iter(fm.values())).shape[0]).cpu() for fm in parts])
+
+    return run
+
+
+def make_engine(model, masks, x, y, engine, bn, metric, chunk_size) -> Callable[[], torch.Tensor]:
+    base, triton = engine.replace("-triton", ""), engine.endswith("-triton")
+
+    @torch.no_grad()
+    def run():
+        with ops.use_kernels(True if triton else False):
+            return score_population(model, masks, x, y, engine=base, metric=metric, bn=bn, chunk_size=chunk_size)
+
+    return run
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """(whether the Triton engine variants run natively here, why not)."""
+    if device.type != "cuda":
+        return False, "no CUDA device: the Triton kernels would run in the interpreter (not a benchmark)"
+    try:
+        with ops.use_kernels(True):
+            ok = ops.kernels_active(torch.empty(1, 1, 1, 1, device=device))
+    except Exception as e:  # pragma: no cover - depends on the install
+        return False, f"kernels unavailable: {e!r}"
+    return bool(ok), "" if ok else "fastweedout.kernels do not support this device/dtype"
+
+
+def engines_here(cfg: ScoringConfig, device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The methods to run and, for those skipped, why."""
+    want = list(cfg.engines) if cfg.engines else list(ALL_ENGINES)
+    unknown = [e for e in want if e not in ALL_ENGINES]
+    if unknown:
+        raise SystemExit(f"bench scoring: unknown engine(s) {unknown}; choose from {list(ALL_ENGINES)}")
+    if "loop" not in want:
+        want.insert(0, "loop")  # every row's speedup and error are against loop
+    skipped = {}
+    ok, why = triton_status(device)
+    if not ok:
+        for e in TRITON_ENGINES:
+            if e in want:
+                want.remove(e)
+                skipped[e] = why
+    return want, skipped
+
+
+# ------------------------------------------------------------------------------------ the run
+def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bool = False) -> list[ScoringRecord]:
+    dtype = getattr(torch, cfg.dtype)
+    peak = device_peak(device, dtype)
+    env = Env.capture(device, peak)
+    rid = run_id()
+    engines, skipped = engines_here(cfg, device)
+    progress(f"[scoring] device={env.device} threads={env.threads} peak={fmt_num(peak.flops_per_s, 'FLOP/s')} "
+             f"({peak.source}) engines={engines} skipped={list(skipped)} load={load_average()}", quiet)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    all_rows: list[ScoringRecord] = []
+    for name in cfg.models:
+        model = fw.create_model(name, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
+        model = model.to(device=device, dtype=dtype).eval()
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(cfg.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+        y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g)
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        for p in cfg.populations:
+            for eta in cfg.etas:
+                masks = fw.sample_masks(model, p, eta, cfg.mode, torch.Generator().manual_seed(cfg.seed + 1))
+                rows = _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet)
+                append_jsonl(out_path, rows)
+                all_rows.extend(rows)
+                if not quiet:
+                    print(format_table(rows), flush=True)
+        del model
+    return all_rows
+
+
+def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet):
+    p, b = masks.population, x.shape[0]
+    hw = (cfg.image_size, cfg.image_size)
+    load0 = load_average()
+    base = dict(bench="scoring", preset=cfg.preset, run_id=rid, env=vars(env), load_avg_before=load0,
+                load_avg_after=None, model=name, depth=model.depth, width=model.width, population=p, batch=b,
+                image_size=cfg.image_size, in_channels=cfg.in_channels, eta=eta,
+                mask_sparsity=round(masks.sparsity(), 6), mode=cfg.mode, bn=cfg.bn, metric=cfg.metric,
+                dtype=cfg.dtype, warmup=cfg.warmup)
+    rows: dict[str, ScoringRecord] = {}
+    fns: dict[str, Callable] = {}
+    fitness: dict[str, torch.Tensor] = {}
+    folded_chunk = cfg.chunk_size or auto_chunk(model, x, "folded", masks)
+    for e in engines:
+        rule = FLOPS_RULE[e]
+        fl = scoring_flops(model, masks, b, hw, rule)
+        row = ScoringRecord(**base, engine=e, flops_rule=rule, useful_flops=fl["useful"],
+                            executed_flops=fl["executed"])
+        rows[e] = row
+        try:
+            if e == "torch.func":
+                fn = make_vmap_scorer(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk)
+                row.chunk_size = folded_chunk
+            elif e == "folded-compile":
+                if p > cfg.compile_max_population:
+                    row.status, row.note = "skipped", f"P={p} > compile_max_population={cfg.compile_max_population}"
+                    continue
+                fn = make_compiled_folded(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk)
+                row.chunk_size = folded_chunk
+            else:
+                fn = make_engine(model, masks, x, y, e, cfg.bn, cfg.metric, cfg.chunk_size)
+                row.chunk_size = cfg.chunk_size or auto_chunk(model, x, e.replace("-triton", ""), masks)
+            # The first call warms up (compilation, autotuning, allocator) and is timed on its own;
+            # then `warmup` more calls, then one call measured for peak memory (never timed).
+            t0 = time.perf_counter()
+            fitness[e] = fn()
+            sync(device)
+            row.first_call_s = time.perf_counter() - t0
+            for _ in range(cfg.warmup):
+                fn()
+            with PeakMemory(device, exact=e != "folded-compile") as pm:
+                fn()
+            row.peak_mem_bytes, row.mem_kind = pm.bytes, pm.kind
+            fns[e] = fn
+            progress(f"  [{name} P={p} eta={eta}] {e}: first call {fmt_s(row.first_call_s)}", quiet)
+        except Exception as exc:  # a method that cannot run here (OOM, compiler error) is recorded, not fatal
+            row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:500]
+            progress(f"  [{name} P={p} eta={eta}] {e}: ERROR {row.note}", quiet)
+            fitness.pop(e, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    timings = interleaved(fns, device, cfg.repeats) if fns else {}
+    load1 = load_average()
+    ref = fitness.get("loop")
+    for e, row in rows.items():
+        row.load_avg_after = load1
+        if e in skipped:
+            continue
+        t: Timing | None = timings.get(e)
+        if t is None:
+            continue
+        row.timing = vars(t)
+        med = t.median_s
+        row.members_images_per_s = p * b / med
+        row.useful_flops_per_s = row.useful_flops / med
+        row.executed_flops_per_s = row.executed_flops / med
+        row.useful_fraction_of_peak = row.useful_flops_per_s / env.peak_flops_per_s
+        if row.first_call_s is not None and e == "folded-compile":
+            row.compile_s = max(0.0, row.first_call_s - med)
+        if ref is not None and e in fitness:
+            f = fitness[e].float()
+            row.fitness_rel_err = float((f - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+    if "loop" in timings:
+        lt = timings["loop"]
+        for e, row in rows.items():
+            if e in timings:
+                row.speedup_vs_loop = lt.median_s / timings[e].median_s
+                if lt.cpu_median_s and timings[e].cpu_median_s and device.type == "cpu":
+                    row.cpu_speedup_vs_loop = lt.cpu_median_s / timings[e].cpu_median_s
+    out = list(rows.values())
+    for e, why in skipped.items():
+        fl = scoring_flops(model, masks, b, hw, FLOPS_RULE[e])
+        out.append(ScoringRecord(**{**base, "load_avg_after": load1}, engine=e, flops_rule=FLOPS_RULE[e],
+                                 useful_flops=fl["useful"], executed_flops=fl["executed"], status="skipped",
+                                 note=why))
+    return out
+
+
+# ------------------------------------------------------------------------------------ printing
+def _f(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[ScoringRecord | dict]) -> str:
+    """A plain-text table of one configuration's rows (time, ratios, throughput, error)."""
+    rows = [r if isinstance(r, dict) else vars(r) for r in rows]
+    if not rows:
+        return ""
+    r0 = rows[0]
+    head = (f"{r0['model']}  P={r0['population']}  B={r0['batch']}  {r0['in_channels']}x{r0['image_size']}x"
+            f"{r0['image_size']}  eta={r0['eta']}  bn={r0['bn']}  {r0['dtype']}  load {r0['load_avg_before']}"
+            f" -> {r0['load_avg_after']}")
+    lines = [head, f"  {'engine':<15}{'median':>10}{'IQR':>6}{'cpu':>10}{'x loop':>8}{'cpu x':>7}"
+                   f"{'memb*img/s':>11}{'useful':>14}{'%peak':>7}{'mem':>10}{'err':>9}  note"]
+    for r in rows:
+        t = r.get("timing") or {}
+        med = t.get("median_s")
+        iqr = (t["q75_s"] - t["q25_s"]) / med if med else None
+        frac = r.get("useful_fraction_of_peak")
+        lines.append(
+            f"  {r['engine']:<15}{fmt_s(med):>10}{_f(iqr, '.0%'):>6}{fmt_s(t.get('cpu_median_s')):>10}"
+            f"{_f(r.get('speedup_vs_loop'), '.2f'):>8}{_f(r.get('cpu_speedup_vs_loop'), '.2f'):>7}"
+            f"{fmt_num(r.get('members_images_per_s')):>11}{fmt_num(r.get('useful_flops_per_s'), 'FLOP/s'):>14}"
+            f"{_f(None if frac is None else 100 * frac, '.1f'):>7}{fmt_num(r.get('peak_mem_bytes'), 'B'):>10}"
+            f"{_f(r.get('fitness_rel_err'), '.1e'):>9}"
+            f"  {'' if r['status'] == 'ok' else r['status']} {(r.get('note') or '')[:70]}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The benchmark suite (fastweedout.bench): the runner end to end on tiny shapes, its records, the report."""
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastweedout.bench import cli
+from fastweedout.bench.common import Record, Timing, append_jsonl, read_jsonl
+from fastweedout.bench.report import build_report, latest_runs
+
+SAMPLE = Path(__file__).parent / "data" / "bench_results_sample.jsonl"
+ENV_KEYS = {"device", "device_type", "peak_flops_per_s", "peak_dtype", "peak_source", "torch", "triton", "git_rev",
+            "date", "threads"}
+COMMON_KEYS = {"bench", "preset", "run_id", "env", "load_avg_before", "load_avg_after", "status", "note",
+               "flops_convention", "schema"}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: one thread (no OpenMP barriers to stall on a loaded machine), restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rows(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    assert lines and all(line.strip() for line in lines)
+    return [json.loads(line) for line in lines]  # every line is one whole JSON object
+
+
+def _check_common(r: dict, bench: str, preset: str) -> None:
+    assert COMMON_KEYS <= set(r), COMMON_KEYS - set(r)
+    assert r["bench"] == bench and r["preset"] == preset and r["schema"] == "fastweedout.bench/1"
+    assert ENV_KEYS <= set(r["env"]), ENV_KEYS - set(r["env"])
+    assert r["env"]["peak_flops_per_s"] > 0 and r["env"]["torch"] == torch.__version__
+    assert "2 FLOPs" in r["flops_convention"]
+    assert r["status"] in ("ok", "skipped", "error")
+
+
+def _check_timing(t: dict) -> None:
+    assert t["repeats"] == len(t["times_s"]) >= 1
+    assert 0 < t["min_s"] <= t["q25_s"] <= t["median_s"] <= t["q75_s"] <= t["max_s"]
+
+
+def test_all_smoke_end_to_end(tmp_path, one_thread):
+    """`fastweedout bench all --smoke`: every benchmark runs on tiny shapes, rows are well formed, report renders."""
+    assert cli.main(["all", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
+
+    scoring = _rows(tmp_path / "scoring.jsonl")
+    etas = {0.0, 0.5}
+    ok = [r for r in scoring if r["status"] == "ok"]
+    assert {(r["engine"], r["eta"]) for r in ok} == {(e, eta) for e in ("loop", "folded", "compact", "torch.func")
+                                                     for eta in etas}
+    for r in scoring:
+        _check_common(r, "scoring", "smoke")
+        assert r["model"] == "wrn_10_1" and r["population"] == 3 and r["batch"] == 4
+        assert r["useful_flops"] > 0 and r["executed_flops"] > 0
+        if r["engine"] == "loop":  # the loop runs every member's dense network: never less than useful
+            assert r["executed_flops"] >= r["useful_flops"]
+    for r in ok:
+        _check_timing(r["timing"])
+        assert r["timing"]["cpu_median_s"] is not None  # CPU runs record process CPU time
+        assert r["members_images_per_s"] == pytest.approx(3 * 4 / r["timing"]["median_s"])
+        assert r["useful_flops_per_s"] == pytest.approx(r["useful_flops"] / r["timing"]["median_s"])
+        assert 0 < r["useful_fraction_of_peak"] < 1
+        assert r["fitness_rel_err"] < 1e-4  # every method scores the same masks as loop
+        kind = "cuda_max_allocated" if torch.cuda.is_available() else "cpu_live_tensors"
+        assert r["peak_mem_bytes"] > 0 and r["mem_kind"] == kind
+        loop = next(x for x in ok if x["engine"] == "loop" and x["eta"] == r["eta"])
+        assert r["speedup_vs_loop"] == pytest.approx(loop["timing"]["median_s"] / r["timing"]["median_s"])
+    # Triton variants are recorded as skipped on CPU (the interpreter is not a benchmark)
+    if not torch.cuda.is_available():
+        sk = [r for r in scoring if r["status"] == "skipped"]
+        assert {r["engine"] for r in sk} == {"folded-triton", "compact-triton"}
+    # compact executes fewer FLOPs at eta=0.5; loop/folded execute the dense network's
+    ex = {(r["engine"], r["eta"]): r["executed_flops"] for r in ok}
+    assert ex[("compact", 0.5)] < 0.5 * ex[("folded", 0.5)]
+    assert ex[("loop", 0.5)] == ex[("loop", 0.0)]
+
+    training = _rows(tmp_path / "training.jsonl")
+    assert {(r["eta"], r["variant"]) for r in training} == {(0.0, "dense"), (0.5, "pruned"), (0.5, "masked")}
+    for r in training:
+        _check_common(r, "training", "smoke")
+        assert r["status"] == "ok", r["note"]
+        _check_timing(r["timing"])
+        assert r["images_per_s"] == pytest.approx(4 / r["timing"]["median_s"])
+        assert 0 < r["mfu"] < 1 and r["compiled"] is False and r["speedup_vs_dense"] > 0
+    pr = {r["variant"]: r for r in training}
+    assert pr["pruned"]["params"] < pr["dense"]["params"] == pr["masked"]["params"]
+    assert pr["pruned"]["useful_flops_per_image"] == pr["masked"]["useful_flops_per_image"] \
+        < pr["masked"]["executed_flops_per_image"] == pr["dense"]["executed_flops_per_image"]
+
+    pipeline = _rows(tmp_path / "pipeline.jsonl")
+    assert [r["phase"] for r in pipeline] == ["search", "training", "evaluation", "total"]
+    for r in pipeline:
+        _check_common(r, "pipeline", "smoke")
+        assert r["wall_s"] > 0 and r["flops"] > 0
+    phases = pipeline[:3]
+    assert sum(r["share_wall"] for r in phases) == pytest.approx(1.0)
+    assert sum(r["share_flops"] for r in phases) == pytest.approx(1.0)
+    assert pipeline[3]["wall_s"] == pytest.approx(sum(r["wall_s"] for r in phases))
+
+    md = (tmp_path / "README.md").read_text()
+    assert "Population scoring" in md and "Training step" in md and "Pipeline" in md
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_scoring_compile_baseline_tiny(tmp_path, one_thread):
+    """The torch.compile baseline: compile time separate from the timed calls, same fitness as loop."""
+    rc = cli.main(["scoring", "--smoke", "--out", str(tmp_path), "--quiet", "--etas", "0.5",
+                   "--engines", "loop,folded-compile", "--populations", "2"])
+    assert rc == 0
+    rows = {r["engine"]: r for r in _rows(tmp_path / "scoring.jsonl") if r["status"] == "ok"}
+    c = rows["folded-compile"]
+    assert c["compile_s"] is not None and c["first_call_s"] > c["timing"]["median_s"]
+    assert c["fitness_rel_err"] < 1e-4
+
+
+def test_report_renders_from_stored_results(tmp_path):
+    md, figs = build_report([SAMPLE], tmp_path)
+    text = md.read_text()
+    assert "## Population scoring" in text and "## Training step" in text and "## Pipeline" in text
+    assert "Speedup over `loop`" in text and "| engine |" in text and "1 multiply-add = 2 FLOPs" in text
+    for eng in ("loop", "folded", "compact", "torch.func"):
+        assert f"| {eng} |" in text
+    assert "load average (1 min)" in text
+    assert {f.name.split("-")[0] for f in figs} == {"scoring", "training", "pipeline"}
+    assert all(f.exists() and f.read_bytes()[:4] == b"\x89PNG" for f in figs)
+    # the CLI entry renders the same file
+    out2 = tmp_path / "cli"
+    assert cli.main(["report", str(SAMPLE), "--out", str(out2), "--no-plots"]) == 0
+    assert (out2 / "README.md").read_text().count("## ") >= 3
+
+
+def test_report_keeps_latest_run_and_rejects_garbage(tmp_path):
+    rows = read_jsonl([SAMPLE])
+    old = [dict(r, run_id="19990101T000000Z-1") for r in rows]
+    assert latest_runs(old + rows) == rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"bench": "scoring"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_jsonl([bad])
+    with pytest.raises(SystemExit, match="no such results"):
+        build_report([tmp_path / "missing.jsonl"], tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_full_preset_fails_clearly_without_gpu(tmp_path, capsys):
+    for cmd in ("all", "scoring", "training", "pipeline"):
+        assert cli.main([cmd, "--full", "--out", str(tmp_path)]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was run or written
+
+
+def test_append_jsonl_is_atomic_per_row(tmp_path):
+    @dataclass
+    class R(Record):
+        payload: str = ""
+
+    path = tmp_path / "x.jsonl"
+
+    def writer(i):
+        for j in range(40):
+            append_jsonl(path, [R(bench="t", preset="p", run_id=f"{i}", env={}, load_avg_before=None,
+                                  load_avg_after=None, payload="y" * (1000 * (j % 7)))])
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = read_jsonl([path])
+    assert len(rows) == 160 and sorted({r["run_id"] for r in rows}) == ["0", "1", "2", "3"]
+
+
+def test_timing_statistics():
+    t = Timing.of([3.0, 1.0, 2.0, 10.0], cpu=[1.0, 1.0, 1.0, 1.0])
+    assert (t.min_s, t.median_s, t.max_s, t.repeats) == (1.0, 2.5, 10.0, 4)
+    assert t.q25_s <= t.median_s <= t.q75_s and t.cpu_median_s == 1.0
+    assert math.isclose(Timing.of([2.0]).median_s, 2.0)
