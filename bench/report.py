@@ -16,7 +16,15 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from fastweedout.runs import atomic_output, atomic_write_text
+
 from .common import DEFAULT_OUT, fmt_num, fmt_s, read_jsonl, slug
+
+
+def _save(fig, path) -> None:
+    """Plots are written like every result: to a temporary file, then renamed."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=os.path.splitext(str(path))[1].lstrip(".") or "png")
 
 PHASE_ORDER = ("search", "training", "evaluation")
 
@@ -162,7 +170,7 @@ def scoring_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         p = out_dir / (f"scoring-speedup-{slug(r0['model'])}-p{r0['population']}-b{r0['batch']}-{slug(r0['dtype'])}-"
                        f"{slug(r0.get('preset') or '')}-{slug(r0.get('env', {}).get('device_type', ''))}.png")
-        fig.savefig(p, dpi=110)
+        _save(fig, p)
         plt.close(fig)
         paths.append(p)
     return paths
@@ -222,7 +230,7 @@ def training_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         p = out_dir / (f"training-{slug(r0['model'])}-b{r0['batch']}-{slug(r0.get('preset') or '')}-"
                        f"{slug(r0.get('env', {}).get('device_type', ''))}.png")
-        fig.savefig(p, dpi=110)
+        _save(fig, p)
         plt.close(fig)
         paths.append(p)
     return paths
@@ -281,7 +289,7 @@ def pipeline_plot(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "pipeline-phases.png"
-    fig.savefig(p, dpi=110)
+    _save(fig, p)
     plt.close(fig)
     return [p]
 
@@ -331,9 +339,7 @@ def build_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, md_
                                   for f in figs] + [""]
     md_path = Path(md_path) if md_path else out_dir / "README.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md_path.with_suffix(md_path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, md_path)
+    atomic_write_text(md_path, "\n".join(md))
     return md_path, figs
 
 

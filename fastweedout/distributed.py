@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import importlib
 import inspect
-import copy
 import dataclasses
 import datetime
 import json
@@ -308,7 +307,6 @@ def train_ddp(model, mask, data, config, *, bn: str = "local", checkpoint_dir: s
     """
     T = importlib.import_module(".train", __package__)  # (the package's `train` is the function)
     from .data import DeviceLoader
-    from .flops import forward_flops, train_step_flops
     from .model import WideResNet
 
     if bn not in DDP_BN_MODES:
@@ -328,25 +326,8 @@ def train_ddp(model, mask, data, config, *, bn: str = "local", checkpoint_dir: s
     opts = config.resolved(device)
     mask = T._mask_cpu(mask)
 
-    if mask is None:
-        net = copy.deepcopy(model)
-        live = run_net = net
-    elif config.masked:
-        net = copy.deepcopy(model)
-        run_net = T.MaskedNet(net, mask)
-        live = model.prune(mask)
-    else:
-        net = model.prune(mask)
-        live = run_net = net
-    net.train()
-    run_net.to(device)
-    if opts["channels_last"]:
-        run_net.to(memory_format=torch.channels_last)
-    fwd_flops = forward_flops(net, data.image_size)
-    step_flops = train_step_flops(net, data.image_size)
-    live_flops = forward_flops(live, data.image_size)
-    live_params = T._count(live)
-    del live
+    net, run_net, fwd_flops, step_flops, live_flops, live_params = T.prepare_network(
+        model, mask, config.masked, device, opts["channels_last"], data.image_size)
     if bn == "sync":
         _set_batchnorm(net, GlobalBatchNorm2d)
 

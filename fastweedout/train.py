@@ -221,6 +221,30 @@ def _count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def prepare_network(model: WideResNet, mask, masked: bool, device: torch.device, channels_last: bool,
+                    image_size) -> tuple:
+    """The network actually trained, a copy (the caller's model stays as it was): the pruned network,
+    the full one under its mask (``masked``), or the dense one. Returns ``(net, run_net, forward
+    FLOPs, train-step FLOPs, live forward FLOPs, live parameters)``, FLOPs per image; ``run_net`` is
+    what the forward calls (``net`` itself unless masked)."""
+    if mask is None:
+        net = copy.deepcopy(model)
+        live = run_net = net
+    elif masked:
+        net = copy.deepcopy(model)
+        run_net = MaskedNet(net, mask)
+        live = model.prune(mask)
+    else:
+        net = model.prune(mask)
+        live = run_net = net
+    net.train()
+    run_net.to(device)
+    if channels_last:
+        run_net.to(memory_format=torch.channels_last)
+    return (net, run_net, forward_flops(net, image_size), train_step_flops(net, image_size),
+            forward_flops(live, image_size), _count(live))
+
+
 # ------------------------------------------------------------------------------------ train
 def train(model: WideResNet, mask: Mapping[str, Tensor] | None, data: Dataset, config: TrainConfig, *,
           checkpoint_dir: str | os.PathLike | None = None, on_epoch: Callable[[EpochRecord], object] | None = None,
@@ -243,27 +267,8 @@ def train(model: WideResNet, mask: Mapping[str, Tensor] | None, data: Dataset, c
     opts = config.resolved(device)
     mask = _mask_cpu(mask)
 
-    # The network actually trained, a copy: the caller's model stays as it was.
-    if mask is None:
-        net = copy.deepcopy(model)
-        live = net
-        run_net: nn.Module = net
-    elif config.masked:
-        net = copy.deepcopy(model)
-        run_net = MaskedNet(net, mask)
-        live = model.prune(mask)
-    else:
-        net = model.prune(mask)
-        live = run_net = net
-    net.train()
-    run_net.to(device)
-    if opts["channels_last"]:
-        run_net.to(memory_format=torch.channels_last)
-    fwd_flops = forward_flops(net, data.image_size)
-    step_flops = train_step_flops(net, data.image_size)
-    live_flops = forward_flops(live, data.image_size)
-    live_params = _count(live)
-    del live
+    net, run_net, fwd_flops, step_flops, live_flops, live_params = prepare_network(
+        model, mask, config.masked, device, opts["channels_last"], data.image_size)
 
     if data.device != device:
         data = data.to(device)
@@ -486,5 +491,5 @@ def _load_checkpoint(path: str, identity: dict, mask) -> dict:
 
 
 __all__ = ["TrainConfig", "TrainResult", "EpochRecord", "PhaseStats", "TrainingDiverged", "train", "evaluate",
-           "make_optimizer", "make_scheduler", "lr_factor", "criterion", "MaskedNet",
+           "make_optimizer", "make_scheduler", "prepare_network", "lr_factor", "criterion", "MaskedNet",
            "CHECKPOINT_NAME", "SCHEDULES"]
