@@ -34,7 +34,7 @@ import fastweedout as fw
 from fastweedout import ops
 from fastweedout.engines import FoldedBackend
 from fastweedout.flops import scoring_flops
-from fastweedout.model import MaskedBackend
+from fastweedout.backend import MaskedBackend
 from fastweedout.scoring import auto_chunk, member_losses, score_population
 
 from .common import (Env, PeakMemory, Record, Timing, append_jsonl, cold_compile, device_peak, fmt_num, fmt_s,

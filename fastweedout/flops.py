@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .masks import Masks
-from .model import Backend
+from .backend import BaseBackend
 
 CONVENTION = "1 multiply-add = 2 FLOPs; conv and linear layers only (FlopCounterMode's convention)"
 
@@ -34,7 +34,7 @@ class FlopCount:
     layers: dict = field(default_factory=dict)  # conv/linear name -> FLOPs per image
 
 
-class _CountBackend(Backend):
+class _CountBackend(BaseBackend):
     def __init__(self, live: Mapping[str, int], in_channels: int):
         self.live, self.in_channels = live, in_channels
         self.c = FlopCount()

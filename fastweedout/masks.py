@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from .model import check_mask_names
+from .atomic import atomic_torch_save
 
 Sparsity = Union[float, Mapping[str, float], Sequence[float]]
 MODES = ("layerwise", "global")
@@ -122,8 +122,6 @@ class Masks:
 
     def save(self, path: Union[str, os.PathLike], **meta) -> None:
         """Write atomically (temporary file + rename); ``meta`` is stored alongside (e.g. model config)."""
-        from .runs import atomic_torch_save
-
         atomic_torch_save({**self.state_dict(), "meta": meta}, os.fspath(path))  # fsynced; no temporary left on errors
 
     @staticmethod
@@ -141,6 +139,20 @@ class Masks:
         if node_layers is not None:
             masks.check(node_layers)
         return masks
+
+
+def check_mask_names(node_layers: Mapping[str, int], masks: Mapping[str, object]) -> None:
+    """Raise ValueError naming unknown or missing node sets."""
+    unknown = [k for k in masks if k not in node_layers]
+    missing = [k for k in node_layers if k not in masks]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown node sets {unknown}")
+        if missing:
+            parts.append(f"missing node sets {missing}")
+        raise ValueError("masks do not fit the model: " + "; ".join(parts)
+                         + f" (the model's node sets are {list(node_layers)})")
 
 
 def _round_half_up(x: float) -> int:

@@ -13,10 +13,11 @@ from collections import OrderedDict
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-BN_MODES = ("batch", "running")
+from .backend import BN_MODES, MaskedBackend
+from .masks import Masks, check_mask_names
+
 
 
 class Block(nn.Module):
@@ -121,7 +122,7 @@ class WideResNet(nn.Module):
 
     # ------------------------------------------------------------------------------------ the walk
     def walk(self, be, x: Tensor) -> Tensor:
-        """The network, once, over a backend (see :class:`MaskedBackend` for the reference)."""
+        """The network, once, over a backend (:class:`fastweedout.backend.Backend`)."""
         x = be.stem(x, self.stem, self.stem_set)
         for blk in self.blocks():
             o = be.act(x, blk.bn1, blk.in_set)
@@ -151,7 +152,6 @@ class WideResNet(nn.Module):
     # ------------------------------------------------------------------------------- mask checking
     def check_member_masks(self, masks: Mapping[str, Tensor], device=None, dtype=None) -> dict[str, Tensor]:
         """Validate one member's masks (bool ``[C]`` per node set) and return them as float multipliers."""
-        from .masks import Masks  # local: masks imports model for type hints only
         if isinstance(masks, Masks):
             if masks.population != 1:
                 raise ValueError(f"model(x, masks) takes one member; got a population of {masks.population} "
@@ -212,66 +212,6 @@ class WideResNet(nn.Module):
         small.fc.weight.copy_(self.fc.weight.index_select(1, dev_idx["stage3"]))
         small.fc.bias.copy_(self.fc.bias)
         return small
-
-
-def check_mask_names(node_layers: Mapping[str, int], masks: Mapping[str, object]) -> None:
-    """Raise ValueError naming unknown or missing node sets."""
-    unknown = [k for k in masks if k not in node_layers]
-    missing = [k for k in node_layers if k not in masks]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"unknown node sets {unknown}")
-        if missing:
-            parts.append(f"missing node sets {missing}")
-        raise ValueError("masks do not fit the model: " + "; ".join(parts)
-                         + f" (the model's node sets are {list(node_layers)})")
-
-
-def batch_norm(x: Tensor, bn: nn.BatchNorm2d, mode: str | None) -> Tensor:
-    """BN in a given mode without side effects for 'batch'/'running' (None: the module decides)."""
-    if mode is None:
-        return bn(x)
-    if mode == "batch":
-        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
-
-class Backend:
-    """What :meth:`WideResNet.walk` asks of a backend. ``conv_act`` (a conv whose only consumer is
-    its node set's BN-ReLU-mask) exists so that an engine can fuse the two; by default it is both."""
-
-    def conv_act(self, x, conv, bn, in_set, out_set):
-        return self.act(self.conv(x, conv, in_set, out_set), bn, out_set)
-
-
-class MaskedBackend(Backend):
-    """The reference: one network, ``mask * relu(bn(x))`` at every consumer of a node set."""
-
-    def __init__(self, masks: Mapping[str, Tensor] | None, bn_mode: str | None, training: bool):
-        self.masks, self.bn_mode, self.training = masks, bn_mode, training
-
-    def stem(self, x, conv, node_set):
-        return conv(x)
-
-    def conv(self, x, conv, in_set, out_set):
-        return conv(x)
-
-    def act(self, x, bn, node_set):
-        y = F.relu(batch_norm(x, bn, self.bn_mode))
-        if self.masks is not None:
-            y = y * self.masks[node_set].view(1, -1, 1, 1)
-        return y
-
-    def dropout(self, x, p):
-        # Scoring (an explicit BN mode) never draws dropout noise.
-        return F.dropout(x, p, self.training and self.bn_mode is None) if p > 0 else x
-
-    def add(self, h, sc):
-        return h + sc
-
-    def head(self, x, fc, node_set):
-        return fc(x.mean(dim=(2, 3)))
 
 
 # ------------------------------------------------------------------------------------ registry

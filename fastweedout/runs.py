@@ -29,6 +29,9 @@ import shutil
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
+from .atomic import (_default_mode, _fsync_dir, atomic_copy, atomic_output, atomic_torch_save,  # noqa: F401
+                     atomic_write_bytes, atomic_write_json, atomic_write_text)
+
 HASH_CHARS = 12
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.jsonl"
@@ -87,103 +90,6 @@ def config_hash(obj: Any) -> str:
 def run_dir_name(name: str, obj: Any) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name).strip("._") or "run"
     return f"{safe}-{config_hash(obj)}"
-
-
-# ------------------------------------------------------------------------------------ atomic files
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _umask() -> int:
-    old = os.umask(0)
-    os.umask(old)
-    return old
-
-
-def _default_mode(path: str, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) files; results are meant to be shared like any file."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        _default_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, rename it over ``path`` (the
-    temporary is removed on any error, e.g. a full disk, and the old file stays as it was)."""
-    import torch
-
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        _default_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary path to write (e.g. ``savefig``) that is renamed over ``path`` on success."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=d)
-    os.close(fd)
-    try:
-        _default_mode(tmp)
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    dst = os.fspath(dst)
-    with atomic_output(dst) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 # ------------------------------------------------------------------------------------ JSONL

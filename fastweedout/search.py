@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .flops import CONVENTION, scoring_flops
 from .masks import MODES, Masks, Sparsity, layer_sparsities, sample_masks
 from .model import BN_MODES, WideResNet
-from .runs import atomic_torch_save
+from .atomic import atomic_torch_save
 from .scoring import ENGINES, METRICS, check_batch, score_population
 
 STRATEGIES = ("random", "tournament", "evolution")

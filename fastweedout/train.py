@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from .data import Dataset, DeviceLoader
 from .flops import forward_flops, train_step_flops
-from .model import MaskedBackend, WideResNet
-from .runs import atomic_torch_save
+from .backend import MaskedBackend
+from .model import WideResNet
+from .atomic import atomic_torch_save
 
 SCHEDULES = ("cosine", "step")
 STEP_MILESTONES = (0.3, 0.6, 0.8)  # fractions of the epochs (WRN: 60/120/160 of 200)

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..model import Backend
+from ..backend import BaseBackend
 
 
-class CompactBackend(Backend):
+class CompactBackend(BaseBackend):
     def __init__(self, masks, bn_mode: str, device: torch.device, dtype: torch.dtype):
         self.bn_mode, self.dtype = bn_mode, dtype
         self.P = masks.population

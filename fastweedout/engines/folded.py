@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..model import Backend, batch_norm
+from ..backend import BaseBackend, batch_norm
 
 
-class FoldedBackend(Backend):
+class FoldedBackend(BaseBackend):
     def __init__(self, masks: dict[str, Tensor], bn_mode: str, members: int, batch: int):
         self.masks = masks  # name -> float [P, C]
         self.bn_mode, self.P, self.B = bn_mode, members, batch

@@ -1,0 +1,107 @@
+"""Atomic file writes: a temporary file beside the target, flushed and fsynced, renamed over it.
+
+A reader (or a process killed mid-write) sees the old or the new version, never a torn one; the
+temporary is removed on any error (a full disk included) and the old file stays as it was.
+Temporary names start with a dot and end in ``.tmp`` (``.NAME.XXXX.tmp[.ext]``), so a run directory
+can recognise and remove the ones a kill left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def _default_mode(path: str, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) files; results are meant to be shared like any file."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    try:
+        _default_mode(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically. The object is serialised in memory first and written with
+    :func:`atomic_write_bytes`, so a full disk raises ``OSError(ENOSPC)`` (torch's own file writer
+    turns it into a RuntimeError) and nothing torn is ever visible."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (indented, sorted keys, no NaN) of plain data: dicts, lists, str, numbers, bools, None."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path to write (e.g. ``savefig``) that is renamed over ``path`` on success."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    base, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=d)
+    os.close(fd)
+    try:
+        _default_mode(tmp)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    dst = os.fspath(dst)
+    with atomic_output(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+__all__ = ["atomic_copy", "atomic_output", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json",
+           "atomic_write_text"]
