@@ -1,7 +1,7 @@
 """Pipeline benchmark: one whole Weedout run, wall time and FLOPs per phase, and the search's share.
 
 Phases: ``search`` (``fastweedout.random_search`` on the validation split: P members x G generations
-scored on a fresh batch each), ``training`` (``fastweedout.train.train`` of the winner's pruned
+scored on a fresh batch each), ``training`` (``fastweedout.training.train`` of the winner's pruned
 network, SGD) and ``evaluation`` (the test set after every epoch, inside ``train``). Each phase's
 wall time is what the library itself measures (``SearchResult.wall_time_s``, ``TrainResult.phases``);
 FLOPs are analytic (``fastweedout.flops``; 2 FLOPs per multiply-add): the search's useful (live
@@ -20,7 +20,7 @@ import torch
 
 import fastweedout as fw
 from fastweedout.data import DatasetError, DeviceLoader, SyntheticConfig, load_dataset
-from fastweedout.train import TrainConfig, train
+from fastweedout.training import TrainConfig, train
 
 from .common import Env, Record, append_jsonl, device_peak, fmt_num, fmt_s, load_average, progress, run_id
 

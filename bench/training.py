@@ -1,7 +1,7 @@
 """Training-step benchmark: images/s of one SGD step, dense vs pruned (vs masked) at each sparsity,
 eager vs ``torch.compile``, fp32 vs bf16 autocast (GPU), with model FLOPs utilisation.
 
-A step is what ``fastweedout.train`` runs: forward (under bf16 autocast when asked), fp32
+A step is what ``fastweedout.training`` runs: forward (under bf16 autocast when asked), fp32
 cross-entropy, backward, SGD with Nesterov momentum and weight decay (``train.make_optimizer``),
 on a batch resident on the device (channels_last on GPU). Variants:
 
@@ -24,7 +24,7 @@ import torch
 
 import fastweedout as fw
 from fastweedout.flops import training_flops
-from fastweedout.train import MaskedNet, TrainConfig, criterion, make_optimizer
+from fastweedout.training import MaskedNet, TrainConfig, criterion, make_optimizer
 
 from .common import (Env, PeakMemory, Record, append_jsonl, cold_compile, device_peak, fmt_num, fmt_s,
                      interleaved, load_average, progress, run_id, sync)

@@ -6,7 +6,7 @@ from .masks import Masks, layer_sparsities, sample_masks
 from .model import WideResNet, create_model, list_models
 from .scoring import score_population
 from .search import SearchResult, random_mask, random_search
-from .train import TrainConfig, TrainingDiverged, TrainResult, train
+from .training import TrainConfig, TrainingDiverged, TrainResult, train
 
 __all__ = [
     "WideResNet", "create_model", "list_models", "Masks", "sample_masks", "layer_sparsities",

@@ -208,7 +208,7 @@ def _search_opts(sparsity: bool = True) -> argparse.ArgumentParser:
 
 
 def _train_opts() -> argparse.ArgumentParser:
-    from .train import SCHEDULES
+    from .training import SCHEDULES
 
     p = _Parser(add_help=False)
     g = p.add_argument_group("training (SGD, Nesterov momentum 0.9)")
@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return 2
     except RuntimeError as e:
-        from .train import TrainingDiverged
+        from .training import TrainingDiverged
 
         if not isinstance(e, TrainingDiverged):
             return _internal(e)

@@ -288,7 +288,7 @@ def train_ddp(model, mask, data, config, *, bn: str = "local", checkpoint_dir: s
               progress: bool = False):
     """Train one run on every rank of the default process group with DistributedDataParallel.
 
-    Call it on every rank with the same arguments. Like :func:`fastweedout.train.train` (pruned
+    Call it on every rank with the same arguments. Like :func:`fastweedout.training.train` (pruned
     network unless ``config.masked``, SGD, schedule, bf16/compile/channels_last on CUDA, a checkpoint
     per epoch, resume), but each rank trains on its contiguous shard of every global batch of
     ``config.batch_size`` images (which must divide by the world size), on ``cuda:LOCAL_RANK`` or the
@@ -305,7 +305,7 @@ def train_ddp(model, mask, data, config, *, bn: str = "local", checkpoint_dir: s
     global batch's mean loss after each optimizer step (one extra all-reduce per step).
     Without a process group (or with one rank) this is single-process training.
     """
-    T = importlib.import_module(".train", __package__)  # (the package's `train` is the function)
+    T = importlib.import_module(".training", __package__)  # (the package's `train` is the function)
     from .data import DeviceLoader
     from .model import WideResNet
 
@@ -724,7 +724,7 @@ def _selfcheck(args) -> dict:
     from .model import WideResNet
     from .scoring import score_population
     from .search import random_search
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     rank, size = setup("gloo" if args.cpu else None)
     dev = torch.device("cuda", local_rank()) if torch.cuda.is_available() and not args.cpu else torch.device("cpu")

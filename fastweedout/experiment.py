@@ -32,7 +32,7 @@ from .model import BN_MODES, WideResNet, create_model
 from .runs import RunDir, RunError
 from .scoring import ENGINES, METRICS, auto_engine, population_logits
 from .search import STRATEGIES, random_mask, random_search
-from .train import CHECKPOINT_NAME, SCHEDULES, TrainConfig, TrainingDiverged, train
+from .training import CHECKPOINT_NAME, SCHEDULES, TrainConfig, TrainingDiverged, train
 
 ARMS = ("weedout", "random")  # the grid's arms (eta = 0 is the dense network, run once per seed)
 ALL_ARMS = ("weedout", "random", "dense", "given")  # given: a mask from a file (`fastweedout train --mask`)
@@ -137,7 +137,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """:class:`fastweedout.train.TrainConfig` without ``seed`` (derived from the run's seed) and
+    """:class:`fastweedout.training.TrainConfig` without ``seed`` (derived from the run's seed) and
     ``device`` (where a run executes is not what it is)."""
 
     epochs: int = 200
@@ -509,7 +509,7 @@ def execute_run(cfg: RunConfig, results: str | os.PathLike, runtime: Runtime | N
 
     Order of writes (each atomic): config.json, search checkpoints, mask.pt, results.jsonl records,
     training checkpoints with per-epoch records, the final records, and the ``done`` marker last.
-    Raises :class:`fastweedout.train.TrainingDiverged` on a NaN loss (the last good checkpoint stays).
+    Raises :class:`fastweedout.training.TrainingDiverged` on a NaN loss (the last good checkpoint stays).
     """
     runtime = runtime or Runtime()
     device = runtime.resolved_device()

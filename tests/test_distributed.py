@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import fastweedout as fw
 import fastweedout.distributed as D
 from fastweedout.data import DeviceLoader, load_dataset
-from fastweedout.train import TrainConfig, criterion, make_optimizer, make_scheduler, train
+from fastweedout.training import TrainConfig, criterion, make_optimizer, make_scheduler, train
 
 WORLD = 2
 TIMEOUT_S = 60

@@ -15,7 +15,7 @@ import fastweedout.experiment as E
 from fastweedout import Masks, runs
 from fastweedout.cli import main
 
-T = __import__("importlib").import_module("fastweedout.train")
+T = __import__("importlib").import_module("fastweedout.training")
 
 DATA = ["--dataset", "synthetic", "--train-subset", "128", "--no-progress", "--device", "cpu"]
 SEARCH = ["--population", "4", "--generations", "2", "--search-batch", "32"]

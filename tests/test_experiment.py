@@ -11,7 +11,7 @@ import fastweedout.search as S
 from fastweedout import runs
 from fastweedout.experiment import (DataConfig, ModelConfig, Runtime, SearchConfig, TrainingConfig, execute_run,
                                     grid_configs, make_run_config)
-from fastweedout.train import CHECKPOINT_NAME
+from fastweedout.training import CHECKPOINT_NAME
 
 
 @pytest.fixture(autouse=True, scope="module")

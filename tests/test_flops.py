@@ -12,7 +12,7 @@ import fastweedout as fw
 from fastweedout.flops import (CONVENTION, count_forward, counted_flops, forward_flops, scoring_flops,
                                train_step_flops, training_flops, useful_flops)
 from fastweedout.scoring import population_logits
-from fastweedout.train import MaskedNet
+from fastweedout.training import MaskedNet
 
 from helpers import batch, randomize_bn
 

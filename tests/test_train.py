@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-T = importlib.import_module("fastweedout.train")  # the module: `fastweedout.train` is also the function
+T = importlib.import_module("fastweedout.training")  # the module: `fastweedout.training` is also the function
 from fastweedout import WideResNet, create_model, sample_masks
 from fastweedout.data import load_dataset
 from fastweedout.flops import forward_flops
-from fastweedout.train import (EpochRecord, MaskedNet, TrainConfig, TrainingDiverged, lr_factor, make_optimizer,
+from fastweedout.training import (EpochRecord, MaskedNet, TrainConfig, TrainingDiverged, lr_factor, make_optimizer,
                                train)
 
 

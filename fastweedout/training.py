@@ -441,7 +441,7 @@ def _check_finite(loss_sum: Tensor, epoch: int, step: int, ckpt_path: str | None
 # ------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(path, identity, mask, net, opt, sched, loader, device, records, phases, epoch) -> None:
     state = {
-        "format": "fastweedout.train/1",
+        "format": "fastweedout.training/1",
         "identity": identity,
         "mask": mask,
         "epoch": epoch,
@@ -474,7 +474,7 @@ def _load_checkpoint(path: str, identity: dict, mask) -> dict:
     except Exception as e:
         raise ValueError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); "
                          "delete it to start over") from e
-    if not isinstance(state, dict) or state.get("format") != "fastweedout.train/1":
+    if not isinstance(state, dict) or state.get("format") != "fastweedout.training/1":
         raise ValueError(f"{path}: not a fastweedout training checkpoint")
     old = state["identity"]
     diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items() if old.get(k) != v]
