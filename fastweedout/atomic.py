@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
+
 
 def _fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced

@@ -17,7 +17,8 @@ carries: a tensor, a member-folded tensor, or a shape.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch.nn.functional as F
 from torch import Tensor, nn

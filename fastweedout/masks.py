@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -59,7 +60,7 @@ class Masks:
                 and all(torch.equal(self._m[k].cpu(), other._m[k].cpu()) for k in self._m))
 
     @property
-    def widths(self) -> "OrderedDict[str, int]":
+    def widths(self) -> OrderedDict[str, int]:
         return OrderedDict((k, v.shape[1]) for k, v in self._m.items())
 
     def member(self, i: int) -> dict[str, Tensor]:
@@ -68,14 +69,14 @@ class Masks:
             raise IndexError(f"member {i} out of range for a population of {self.population}")
         return {k: v[i] for k, v in self._m.items()}
 
-    def select(self, index: Union[int, Sequence[int], Tensor]) -> "Masks":
+    def select(self, index: int | Sequence[int] | Tensor) -> Masks:
         if isinstance(index, int):
             index = [index]
         index = torch.as_tensor(index, dtype=torch.long)
         return Masks({k: v.index_select(0, index.to(v.device)) for k, v in self._m.items()})
 
     @staticmethod
-    def cat(parts: Iterable["Masks"]) -> "Masks":
+    def cat(parts: Iterable[Masks]) -> Masks:
         parts = list(parts)
         names = list(parts[0].keys())
         for p in parts[1:]:
@@ -84,13 +85,13 @@ class Masks:
         return Masks({k: torch.cat([p[k].cpu() for p in parts]) for k in names})
 
     @staticmethod
-    def from_member(member: Mapping[str, Tensor]) -> "Masks":
+    def from_member(member: Mapping[str, Tensor]) -> Masks:
         return Masks({k: v.reshape(1, -1).bool() for k, v in member.items()})
 
-    def to(self, device) -> "Masks":
+    def to(self, device) -> Masks:
         return Masks({k: v.to(device) for k, v in self._m.items()})
 
-    def live_counts(self) -> "OrderedDict[str, Tensor]":
+    def live_counts(self) -> OrderedDict[str, Tensor]:
         """Live nodes per member and node set: name -> long ``[P]``."""
         return OrderedDict((k, v.sum(1)) for k, v in self._m.items())
 
@@ -120,12 +121,12 @@ class Masks:
     def state_dict(self) -> dict:
         return {"format": "fastweedout.masks/1", "masks": {k: v.cpu() for k, v in self._m.items()}}
 
-    def save(self, path: Union[str, os.PathLike], **meta) -> None:
+    def save(self, path: str | os.PathLike, **meta) -> None:
         """Write atomically (temporary file + rename); ``meta`` is stored alongside (e.g. model config)."""
         atomic_torch_save({**self.state_dict(), "meta": meta}, os.fspath(path))  # fsynced; no temporary left on errors
 
     @staticmethod
-    def load(path: Union[str, os.PathLike], node_layers: Mapping[str, int] | None = None) -> "Masks":
+    def load(path: str | os.PathLike, node_layers: Mapping[str, int] | None = None) -> Masks:
         try:
             obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -159,7 +160,7 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def layer_sparsities(node_layers: Mapping[str, int], sparsity: Sparsity) -> "OrderedDict[str, float]":
+def layer_sparsities(node_layers: Mapping[str, int], sparsity: Sparsity) -> OrderedDict[str, float]:
     """Per-node-set sparsity from a float, a mapping (missing names get 0) or a sequence in order."""
     names = list(node_layers)
     if isinstance(sparsity, Mapping):
@@ -183,7 +184,7 @@ def layer_sparsities(node_layers: Mapping[str, int], sparsity: Sparsity) -> "Ord
     return out
 
 
-def _generator(generator: Union[torch.Generator, int, None]) -> torch.Generator:
+def _generator(generator: torch.Generator | int | None) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
     g = torch.Generator()
@@ -192,7 +193,7 @@ def _generator(generator: Union[torch.Generator, int, None]) -> torch.Generator:
 
 
 def sample_masks(model_or_layers, population: int, sparsity: Sparsity, mode: str = "layerwise",
-                 generator: Union[torch.Generator, int, None] = None) -> Masks:
+                 generator: torch.Generator | int | None = None) -> Masks:
     """Random node masks for ``population`` members.
 
     ``layerwise`` (the paper): exactly round(eta*C) nodes off in every node set (schedules allowed).

@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .backend import BN_MODES, MaskedBackend
 from .masks import Masks, check_mask_names
-
 
 
 class Block(nn.Module):
@@ -60,7 +59,7 @@ class WideResNet(nn.Module):
         self.num_classes, self.in_channels, self.dropout = num_classes, in_channels, dropout
         n = (depth - 4) // 6
         stage_widths = [16 * width, 32 * width, 64 * width]
-        full: "OrderedDict[str, int]" = OrderedDict()
+        full: OrderedDict[str, int] = OrderedDict()
         # When the stem already has the first stage's width, it feeds the residual stream directly
         # and is part of that node set (no projection shortcut in the first block).
         stem_set = "stage1" if stage_widths[0] == 16 else "stem"
@@ -107,7 +106,7 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
 
-    def node_layers(self) -> "OrderedDict[str, int]":
+    def node_layers(self) -> OrderedDict[str, int]:
         """Ordered mapping node-set name -> channel count."""
         return OrderedDict(self._node_layers)
 
@@ -173,7 +172,7 @@ class WideResNet(nn.Module):
 
     # ------------------------------------------------------------------------------------- pruning
     @torch.no_grad()
-    def prune(self, masks: Mapping[str, Tensor]) -> "WideResNet":
+    def prune(self, masks: Mapping[str, Tensor]) -> WideResNet:
         """A physically smaller dense WRN holding only the live channels (weights, BN state copied).
 
         It computes the same function as ``self(x, masks)`` in both BN modes and trains normally.
@@ -228,15 +227,24 @@ for _d, _k in [(10, 1), (10, 2), (16, 1), (16, 2), (16, 4), (16, 8), (22, 2), (2
     register_model(f"wrn_{_d}_{_k}", _d, _k)
 
 
+def parse_model_name(name: str) -> tuple[int, int]:
+    """(depth, width) of ``wrn_<depth>_<width>`` (``WRN-28-10`` also works); ValueError otherwise."""
+    m = _NAME.match(str(name).lower().replace("-", "_"))
+    if m is None:
+        raise ValueError(f"unknown model {name!r}; use 'wrn_<depth>_<width>', e.g. wrn_10_1, wrn_16_4, wrn_28_10")
+    depth, width = int(m.group(1)), int(m.group(2))
+    if depth < 10 or (depth - 4) % 6 or width < 1:
+        raise ValueError(f"model {name!r}: WRN depth must be 6n+4 >= 10 (10, 16, 22, 28, 40, ...) and width >= 1")
+    return depth, width
+
+
 def create_model(name: str, **kwargs) -> WideResNet:
     """``create_model("wrn_28_10", num_classes=100)``; any ``wrn_<depth>_<width>`` is accepted."""
-    key = name.lower().replace("-", "_")
+    key = str(name).lower().replace("-", "_")
     if key in _MODELS:
         return _MODELS[key](**kwargs)
-    m = _NAME.match(key)
-    if m:
-        return WideResNet(int(m.group(1)), int(m.group(2)), **kwargs)
-    raise ValueError(f"unknown model {name!r}; use 'wrn_<depth>_<width>', e.g. {sorted(_MODELS)}")
+    depth, width = parse_model_name(name)
+    return WideResNet(depth, width, **kwargs)
 
 
 def list_models() -> list[str]:

@@ -27,10 +27,20 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
-from .atomic import (_default_mode, _fsync_dir, atomic_copy, atomic_output, atomic_torch_save,  # noqa: F401
-                     atomic_write_bytes, atomic_write_json, atomic_write_text)
+from .atomic import (  # noqa: F401
+    _default_mode,
+    _fsync_dir,
+    atomic_copy,
+    atomic_output,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 HASH_CHARS = 12
 CONFIG_NAME = "config.json"
@@ -105,8 +115,23 @@ def clean_json(obj: Any) -> Any:
 
 
 def record_key(record: Mapping) -> tuple:
-    """What makes a record unique in a results file: its type and its phase or epoch."""
-    return (record.get("type"), record.get("phase"), record.get("epoch"))
+    """What makes a record unique in a results file: its type and its phase, epoch or step."""
+    return (record.get("type"), record.get("phase"), record.get("epoch"), record.get("step"))
+
+
+_TYPE_RANK = {"phase": 0, "mask": 1, "population": 2, "epoch": 3, "finetune_epoch": 4, "final": 6, "error": 7}
+_PHASE_RANK = {"pretrain": 0, "search": 1, "training": 2, "evaluation": 3}
+
+
+def record_order(record: Mapping) -> tuple:
+    """The order of records in a results file, whatever order they were written in (a resumed run
+    rewrites some): pretraining, the mask's selection, the mask, the search during training, epochs,
+    the training and evaluation totals, fine-tuning, the final result, errors."""
+    t, ph = record.get("type"), record.get("phase")
+    rank = _TYPE_RANK.get(t, 8)
+    if t == "phase" and ph not in ("pretrain", "search"):
+        rank = 5  # totals after the epochs
+    return (rank, _PHASE_RANK.get(ph, 9), str(ph), record.get("epoch") or 0, record.get("step") or 0)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -130,8 +155,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def upsert_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> list[dict]:
-    """Add ``records`` to the file, replacing any with the same :func:`record_key` in place; the
-    whole new file is written atomically, so it never holds a torn or duplicated line."""
+    """Add ``records`` to the file, replacing any with the same :func:`record_key`, kept in
+    :func:`record_order`; the whole new file is written atomically, so it never holds a torn or
+    duplicated line."""
     current = read_jsonl(path)
     index = {record_key(r): i for i, r in enumerate(current)}
     for r in records:
@@ -142,6 +168,7 @@ def upsert_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> list[di
         else:
             index[k] = len(current)
             current.append(r)
+    current.sort(key=record_order)
     text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in current)
     atomic_write_text(path, text)
     return current
@@ -176,6 +203,7 @@ def check_results_dir(path: str | os.PathLike, *, create: bool = True, verify_ru
             raise RunError(f"cannot create results directory {path}: {e.strerror or e}") from None
     if create:
         probe_writable(path)
+        remove_stale_creations(path)
     if verify_runs:
         for entry in sorted(os.listdir(path)):
             d = os.path.join(path, entry)
@@ -183,6 +211,30 @@ def check_results_dir(path: str | os.PathLike, *, create: bool = True, verify_ru
             if not entry.startswith(".") and os.path.isdir(d) and os.path.exists(os.path.join(d, CONFIG_NAME)):
                 verify_run_dir(d)
     return path
+
+
+_CREATING = re.compile(r"^\.(?P<target>.+-[0-9a-f]{%d})\.[^.]+\.tmp$" % HASH_CHARS)
+_CREATION_STALE_S = 60.0  # creating a run directory takes milliseconds
+
+
+def remove_stale_creations(results: str) -> list[str]:
+    """Remove the temporary directories of run directories being created that a kill left behind:
+    those whose run directory exists by now, or older than a minute."""
+    removed = []
+    for entry in os.listdir(results):
+        m = _CREATING.match(entry)
+        d = os.path.join(results, entry)
+        if m is None or not os.path.isdir(d):
+            continue
+        try:
+            stale = os.path.isdir(os.path.join(results, m.group("target"))) or \
+                time.time() - os.stat(d).st_mtime > _CREATION_STALE_S
+        except FileNotFoundError:
+            continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def probe_writable(path: str) -> None:
@@ -243,7 +295,7 @@ class RunDir:
         self._lock_fd: int | None = None
 
     @classmethod
-    def open(cls, results: str | os.PathLike, name: str, config: Any, *, create: bool = True) -> "RunDir":
+    def open(cls, results: str | os.PathLike, name: str, config: Any, *, create: bool = True) -> RunDir:
         cfg = to_jsonable(config)
         results = os.fspath(results)
         path = os.path.join(results, run_dir_name(name, cfg))
@@ -356,7 +408,32 @@ class RunDir:
                         removed.append(n)
         return removed
 
-    def __enter__(self) -> "RunDir":
+    def tidy_finished(self) -> None:
+        """A finished run keeps no lock file or temporaries (a kill between the done-marker and their
+        removal can leave them); removed only when no other process holds the lock."""
+        try:
+            self.lock()
+        except RunError:
+            return
+        try:
+            self.remove_temporaries()
+            with contextlib.suppress(OSError):
+                os.unlink(self.file(LOCK_NAME))
+        finally:
+            self.unlock()
+
+    def reopen(self, why: str) -> None:
+        """Take back a finished run whose records are damaged (call it holding the lock): its records
+        and done-marker are set aside and the run is finished again from its checkpoints."""
+        import warnings
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in (RESULTS_NAME, DONE_NAME):
+            if os.path.exists(self.file(name)):
+                os.replace(self.file(name), self.file(f"{name}.damaged-{stamp}"))
+        warnings.warn(f"{self.path}: {why}", RuntimeWarning, stacklevel=2)
+
+    def __enter__(self) -> RunDir:
         self.lock()
         return self
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import BN_MODES
+from .config import ENGINES, METRICS
 from .engines import CompactBackend, FoldedBackend
 from .flops import count_forward
 from .masks import Masks
-from .model import BN_MODES, WideResNet
+from .model import WideResNet
+from .world import World, gather_fitness, use_distributed
 
-ENGINES = ("auto", "loop", "folded", "compact")
-METRICS = ("loss", "accuracy")
 # Activation memory per member and image, in elements, is about this many copies of the widest
 # layer (stream, pre-activation, inner, shortcut, and the op's fp32 temporaries).
 _LIVE_COPIES = 8
@@ -50,6 +51,8 @@ def check_batch(model: WideResNet, images: Tensor, labels: Tensor) -> None:
         raise ValueError("empty batch: images hold zero examples")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point (normalised), got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or infinite values (bad input data, not bad members)")
     if not isinstance(labels, Tensor) or labels.shape != (images.shape[0],):
         raise ValueError(f"labels must be a tensor [{images.shape[0]}], got "
                          f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
@@ -133,7 +136,7 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
     -inf with a warning. With ``return_info`` also returns ``{"engine", "chunk_size"}``.
     distributed: under an initialised process group (None: auto; False: never) each rank scores its
     contiguous slice of the population and the fitness is all-gathered: every rank returns the full
-    ``[P]``; every rank must make the same call (see :mod:`fastweedout.distributed`).
+    ``[P]``; every rank must make the same call (see :mod:`fastweedout.world`).
     """
     if not isinstance(model, WideResNet):
         raise ValueError(f"model must be a fastweedout.WideResNet, got {type(model).__name__}")
@@ -154,9 +157,8 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
     if engine == "auto":
         engine = auto_engine(masks, param.device)
     chunk = chunk_size or auto_chunk(model, images, engine, masks)
-    from . import distributed as _dist  # (lazy: `python -m fastweedout.distributed` stays a clean __main__)
-    sharded = _dist.use_distributed(distributed)  # the engine was picked on the whole population: same on every rank
-    start, stop = _dist.shard_range(masks.population) if sharded else (0, masks.population)
+    sharded = use_distributed(distributed)  # the engine was picked on the whole population: same on every rank
+    start, stop = World.current().shard(masks.population) if sharded else (0, masks.population)
     out = []
     while start < stop:
         part = masks.select(list(range(start, min(start + chunk, stop))))
@@ -175,7 +177,7 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
         start += part.population
     fitness = torch.cat(out).float() if out else torch.zeros(0)
     if sharded:
-        fitness = _dist.gather_fitness(fitness, masks, labels)
+        fitness = gather_fitness(fitness, masks, labels)
     bad = ~torch.isfinite(fitness)
     if bool(bad.any()):
         warnings.warn(f"{int(bad.sum())} of {fitness.numel()} members have non-finite fitness; "

@@ -1,36 +1,44 @@
-"""Training of a (sparse) Wide ResNet: SGD with Nesterov momentum, cosine or WRN step schedule.
+"""Training of a (sparse) Wide ResNet: one loop for one process and for DDP.
 
 By default the *pruned* network (``model.prune(mask)``: physically smaller, same function) is
-trained; ``masked=True`` trains the full network under its mask instead, which computes the same
-function and gives the same updates to the live weights. A checkpoint is written atomically after
-every epoch and a later call with the same checkpoint directory resumes from it.
+trained; ``TrainConfig.masked`` trains the full network under its mask instead (same function, same
+updates to the live weights). Under a :class:`fastweedout.world.World` of N ranks every rank takes a
+contiguous shard of every global batch and DistributedDataParallel averages the gradients; on one
+process the world is the identity. A checkpoint (``fastweedout.checkpoint``) is written atomically
+after every epoch and a later call with the same directory resumes from it.
+
+Randomness: the data order and augmentation come from the loader's generator (seeded by ``seed``,
+saved in the checkpoint); dropout noise is reseeded at every epoch from (seed, rank, epoch), inside
+``torch.random.fork_rng`` so the caller's generators are left alone. A resumed run is therefore the
+same function of its seed as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
-import os
 import time
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import Dataset, DeviceLoader
-from .flops import forward_flops, train_step_flops
+from . import checkpoint as ckpt
 from .backend import MaskedBackend
+from .config import TrainConfig
+from .datasets import Dataset
+from .flops import forward_flops, train_step_flops
+from .loader import DeviceLoader
 from .model import WideResNet
-from .atomic import atomic_torch_save
+from .world import DDP_BN_MODES, GlobalBatchNorm2d, World, average_bn_buffers, local_rank, set_batchnorm
 
-SCHEDULES = ("cosine", "step")
 STEP_MILESTONES = (0.3, 0.6, 0.8)  # fractions of the epochs (WRN: 60/120/160 of 200)
 STEP_GAMMA = 0.2
-CHECKPOINT_NAME = "checkpoint.pt"
 _FINITE_CHECK_EVERY = 25  # steps between loss checks: each one is a host sync on a GPU
 
 
@@ -40,55 +48,6 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, *, epoch: int, step: int, checkpoint: str | None):
         super().__init__(message)
         self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
-
-
-@dataclass
-class TrainConfig:
-    """SGD training settings. ``None`` for compile / amp / channels_last means: on when on CUDA."""
-
-    epochs: int
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (per step, to 0) | "step" (x0.2 at 30/60/80% of the epochs)
-    label_smoothing: float = 0.0
-    masked: bool = False  # train the full network under its mask instead of the pruned one
-    compile: bool | None = None
-    amp: bool | None = None  # bf16 autocast
-    channels_last: bool | None = None
-    seed: int = 0  # data order, augmentation and dropout
-    drop_last: bool = True  # fixed batch shapes (no recompiles, no tiny last batch in BN)
-    eval_batch_size: int = 500
-    device: str | None = None  # None: CUDA when available, else CPU
-
-    def __post_init__(self):
-        def whole(name, lo):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        whole("epochs", 1)
-        whole("batch_size", 1)
-        whole("eval_batch_size", 1)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("Nesterov momentum needs momentum > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
-    def resolved(self, device: torch.device) -> dict:
-        """The device-dependent switches as they apply on ``device``."""
-        cuda = device.type == "cuda"
-        pick = lambda v: cuda if v is None else bool(v)  # noqa: E731
-        return dict(compile=pick(self.compile), amp=pick(self.amp), channels_last=pick(self.channels_last))
 
 
 @dataclass
@@ -109,7 +68,7 @@ class EpochRecord:
 
 @dataclass
 class PhaseStats:
-    """Compute spent in one phase: wall seconds, FLOPs (analytic), images processed."""
+    """Compute spent in one phase: wall seconds, FLOPs (analytic, useful), images processed."""
 
     wall_s: float = 0.0
     flops: float = 0.0
@@ -132,7 +91,8 @@ class TrainResult:
     live_forward_flops: int  # per image, of the live sub-network (equal unless masked training)
     params: int  # parameters of the network actually trained
     live_params: int
-    completed: bool  # all config.epochs done (False when on_epoch stopped it)
+    steps: int  # optimizer steps done in all (resumed runs included)
+    completed: bool  # all config.epochs done (False when on_epoch or max_steps stopped it)
     resumed_from: int  # epochs already done when this call started (0: fresh)
 
     @property
@@ -141,18 +101,23 @@ class TrainResult:
             raise ValueError("no epoch has been trained")
         return self.records[-1]
 
-    def summary(self) -> dict:
-        """JSON-friendly: everything but the model and the mask."""
-        return dict(records=[r.to_dict() for r in self.records],
-                    phases={k: v.to_dict() for k, v in self.phases.items()}, config=asdict(self.config),
-                    device=self.device, forward_flops=self.forward_flops, train_step_flops=self.train_step_flops,
-                    live_forward_flops=self.live_forward_flops, params=self.params, live_params=self.live_params,
-                    completed=self.completed, resumed_from=self.resumed_from)
+
+class TrainCallbacks:
+    """Hooks into the loop (e.g. the search that runs throughout training); their state is saved in
+    every checkpoint, so they resume with the run."""
+
+    def before_step(self, step: int, net: nn.Module) -> None:
+        """Called before optimizer step ``step`` (0-based, counted over the whole run)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
-# ------------------------------------------------------------------------------------ pieces
 class MaskedNet(nn.Module):
-    """The full network under a fixed mask, validated once (so the forward has no data-dependent checks)."""
+    """The full network under a node mask held in buffers (validated once; ``set_masks`` swaps it)."""
 
     def __init__(self, net: WideResNet, mask: Mapping[str, Tensor]):
         super().__init__()
@@ -164,6 +129,12 @@ class MaskedNet(nn.Module):
 
     def masks(self) -> dict[str, Tensor]:
         return {k: getattr(self, f"mask{i}") for i, k in enumerate(self._names)}
+
+    @torch.no_grad()
+    def set_masks(self, mask: Mapping[str, Tensor]) -> None:
+        fm = self.net.check_member_masks(mask)
+        for i, k in enumerate(self._names):
+            getattr(self, f"mask{i}").copy_(fm[k])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net.walk(MaskedBackend(self.masks(), None, self.training), x)
@@ -186,48 +157,53 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
     return lambda step: STEP_GAMMA ** sum(step // steps_per_epoch >= m for m in milestones)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps_per_epoch))
-
-
 def criterion(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """Cross-entropy in fp32 (module-level so tests can inject a diverging loss)."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction=reduction)
 
 
-def _resolve_device(config: TrainConfig) -> torch.device:
-    if config.device is not None:
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _mask_cpu(mask) -> dict[str, Tensor] | None:
+def member_mask(mask) -> dict[str, Tensor] | None:
+    """One member's mask as CPU bool tensors (a Masks of one member or a mapping); None stays None."""
     if mask is None:
         return None
-    if hasattr(mask, "population") and hasattr(mask, "member"):  # a Masks of one member
+    if hasattr(mask, "population") and hasattr(mask, "member"):
         if mask.population != 1:
             raise ValueError(f"train takes one member's mask; got a population of {mask.population}")
         mask = mask.member(0)
     return {k: v.detach().to("cpu", torch.bool) for k, v in mask.items()}
 
 
-def _fingerprint(data: Dataset) -> int:
-    """A cheap checksum of the training split (labels and a strided sample of images), so a checkpoint
-    is never resumed on a different split of the data."""
+def data_fingerprint(data: Dataset) -> int:
+    """A cheap checksum of the training split, so a checkpoint is never resumed on other data."""
     sample = data.train.images[::97].reshape(-1)[::7]
     return zlib.crc32(data.train.labels.cpu().numpy().tobytes()) ^ zlib.crc32(sample.cpu().numpy().tobytes())
 
 
-def _count(net: nn.Module) -> int:
+def count_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
 def prepare_network(model: WideResNet, mask, masked: bool, device: torch.device, channels_last: bool,
-                    image_size) -> tuple:
+                    image_size, granularity: str = "node") -> tuple:
     """The network actually trained, a copy (the caller's model stays as it was): the pruned network,
-    the full one under its mask (``masked``), or the dense one. Returns ``(net, run_net, forward
-    FLOPs, train-step FLOPs, live forward FLOPs, live parameters)``, FLOPs per image; ``run_net`` is
-    what the forward calls (``net`` itself unless masked)."""
+    the full one under its mask (``masked``, or any weight-level mask), or the dense one. Returns
+    ``(net, run_net, forward FLOPs, train-step FLOPs, live forward FLOPs, live parameters)``, FLOPs per
+    image; ``run_net`` is what the forward calls (``net`` itself unless masked)."""
+    if granularity == "weight" and mask is not None:
+        from . import weights as W  # TODO(lead): top-level import once fastweedout.weights has landed
+
+        params = dict(model.named_parameters())
+        shaped = {k: v.reshape(params[k].shape) for k, v in mask.items()}
+        net = copy.deepcopy(model)
+        run_net = W.WeightMaskedNet(net, shaped)
+        net.train()
+        run_net.to(device)
+        if channels_last:
+            run_net.to(memory_format=torch.channels_last)
+        fl = W.weight_training_flops(model, shaped, image_size)
+        full = train_step_flops(net, image_size)
+        live_params = count_params(net) - sum(int((~v).sum()) for v in shaped.values())
+        return net, run_net, forward_flops(net, image_size), full, fl["useful"] // 3, live_params
     if mask is None:
         net = copy.deepcopy(model)
         live = run_net = net
@@ -243,150 +219,20 @@ def prepare_network(model: WideResNet, mask, masked: bool, device: torch.device,
     if channels_last:
         run_net.to(memory_format=torch.channels_last)
     return (net, run_net, forward_flops(net, image_size), train_step_flops(net, image_size),
-            forward_flops(live, image_size), _count(live))
-
-
-# ------------------------------------------------------------------------------------ train
-def train(model: WideResNet, mask: Mapping[str, Tensor] | None, data: Dataset, config: TrainConfig, *,
-          checkpoint_dir: str | os.PathLike | None = None, on_epoch: Callable[[EpochRecord], object] | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``model`` under ``mask`` (one member: name -> bool ``[C]``; None: dense) on ``data``.
-
-    The caller's model is not modified. Trains the pruned network unless ``config.masked``.
-    Evaluates on the test set after every epoch. With ``checkpoint_dir``, a checkpoint is written
-    atomically after every epoch and an existing one is resumed (it must belong to the same
-    config and mask); a finished checkpoint returns its result without training. ``on_epoch`` gets
-    each :class:`EpochRecord`; returning True stops training after that epoch.
-    Raises :class:`TrainingDiverged` on a NaN/inf loss.
-    """
-    if not isinstance(model, WideResNet):
-        raise TypeError(f"train needs a WideResNet, got {type(model).__name__}")
-    if model.in_channels != data.in_channels or model.num_classes != data.num_classes:
-        raise ValueError(f"the model takes {model.in_channels} channels / {model.num_classes} classes, the dataset "
-                         f"{data.name!r} has {data.in_channels} / {data.num_classes}")
-    device = _resolve_device(config)
-    opts = config.resolved(device)
-    mask = _mask_cpu(mask)
-
-    net, run_net, fwd_flops, step_flops, live_flops, live_params = prepare_network(
-        model, mask, config.masked, device, opts["channels_last"], data.image_size)
-
-    if data.device != device:
-        data = data.to(device)
-    train_loader = DeviceLoader(data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-                                augment=data.augment, drop_last=config.drop_last,
-                                channels_last=opts["channels_last"], seed=config.seed)
-    if len(train_loader) == 0:
-        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
-                         f"{config.batch_size} (drop_last=True)")
-    test_loader = DeviceLoader(data.test, config.eval_batch_size, mean=data.mean, std=data.std,
-                               channels_last=opts["channels_last"])
-    steps = len(train_loader)
-    opt = make_optimizer(run_net, config)
-    sched = make_scheduler(opt, config, steps)
-    phases = {"training": PhaseStats(), "evaluation": PhaseStats()}
-    records: list[EpochRecord] = []
-
-    ckpt_path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME) if checkpoint_dir is not None else None
-    identity = {"config": asdict(config), "model": model.config, "widths": dict(net.node_layers()),
-                "dataset": data.name, "train_size": len(data.train), "train_fingerprint": _fingerprint(data)}
-    cuda_devices = ([device.index if device.index is not None else torch.cuda.current_device()]
-                    if device.type == "cuda" else [])
-    start_epoch = 0
-    with torch.random.fork_rng(devices=cuda_devices):  # dropout draws from the global RNG: keep the caller's intact
-        torch.manual_seed(config.seed)
-        if ckpt_path is not None and os.path.exists(ckpt_path):
-            state = _load_checkpoint(ckpt_path, identity, mask)
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            train_loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng_cpu"])
-            if cuda_devices and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"], device)
-            records = [EpochRecord(**r) for r in state["records"]]
-            phases = {k: PhaseStats(**v) for k, v in state["phases"].items()}
-            start_epoch = state["epoch"]
-        resumed_from = start_epoch
-
-        fwd = torch.compile(run_net) if opts["compile"] else run_net
-        amp = (torch.autocast(device.type, dtype=torch.bfloat16) if opts["amp"]
-               else contextlib.nullcontext())
-        bench = torch.backends.cudnn.benchmark
-        if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-        t_call = time.perf_counter()
-        completed = start_epoch >= config.epochs
-        try:
-            epochs = range(start_epoch, config.epochs)
-            bar = _tqdm(epochs, progress, desc="epochs", initial=start_epoch, total=config.epochs)
-            for epoch in bar:
-                lr = opt.param_groups[0]["lr"]
-                # ---- training phase
-                t0 = _now(device)
-                run_net.train()
-                loss_sum = torch.zeros((), device=device)
-                correct = torch.zeros((), device=device, dtype=torch.long)
-                seen = 0
-                batches = _tqdm(train_loader, progress, desc=f"epoch {epoch + 1}", leave=False, total=steps)
-                for step, (x, y) in enumerate(batches, start=1):
-                    with amp:
-                        logits = fwd(x)
-                    loss = criterion(logits, y, config.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    loss_sum += loss.detach() * y.shape[0]
-                    correct += (logits.detach().argmax(1) == y).sum()
-                    seen += y.shape[0]
-                    if step % _FINITE_CHECK_EVERY == 0 or step == steps:
-                        _check_finite(loss_sum, epoch + 1, step, ckpt_path, records)
-                        if progress:
-                            batches.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-                train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-                t1 = _now(device)
-                # ---- evaluation phase
-                test_loss, test_acc = evaluate(fwd, test_loader, amp=amp)
-                t2 = _now(device)
-                phases["training"].wall_s += t1 - t0
-                phases["training"].flops += float(step_flops) * seen
-                phases["training"].images += seen
-                phases["evaluation"].wall_s += t2 - t1
-                phases["evaluation"].flops += float(fwd_flops) * len(data.test)
-                phases["evaluation"].images += len(data.test)
-                rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                                  test_loss=test_loss, test_acc=test_acc, train_time_s=t1 - t0,
-                                  eval_time_s=t2 - t1, wall_time_s=time.perf_counter() - t_call)
-                records.append(rec)
-                if ckpt_path is not None:
-                    _save_checkpoint(ckpt_path, identity, mask, net, opt, sched, train_loader, device, records,
-                                     phases, epoch + 1)
-                if progress:
-                    bar.set_postfix(train_acc=f"{train_acc:.3f}", test_acc=f"{test_acc:.3f}")
-                if epoch + 1 == config.epochs:
-                    completed = True
-                if on_epoch is not None and on_epoch(rec) is True:
-                    break
-        finally:
-            torch.backends.cudnn.benchmark = bench
-    net.eval()
-    return TrainResult(records=records, phases=phases, model=net, mask=mask, config=config, device=str(device),
-                       forward_flops=fwd_flops, train_step_flops=step_flops, live_forward_flops=live_flops,
-                       params=_count(net), live_params=live_params, completed=completed, resumed_from=resumed_from)
+            forward_flops(live, image_size), count_params(live))
 
 
 @torch.no_grad()
 def evaluate(net: Callable[[Tensor], Tensor], loader: DeviceLoader, *, amp=None) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``net`` in eval mode over ``loader``; restores the mode after."""
     module = getattr(net, "_orig_mod", net)
-    was_training = module.training if isinstance(module, nn.Module) else False
+    module = getattr(module, "module", module)  # DDP
+    was = module.training if isinstance(module, nn.Module) else False
     if isinstance(module, nn.Module):
         module.eval()
     amp = amp if amp is not None else contextlib.nullcontext()
-    dev = loader.device
-    loss_sum = torch.zeros((), device=dev)
-    correct = torch.zeros((), device=dev, dtype=torch.long)
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device, dtype=torch.long)
     n = 0
     for x, y in loader:
         with amp:
@@ -395,102 +241,234 @@ def evaluate(net: Callable[[Tensor], Tensor], loader: DeviceLoader, *, amp=None)
         correct += (logits.argmax(1) == y).sum()
         n += y.shape[0]
     if isinstance(module, nn.Module):
-        module.train(was_training)
+        module.train(was)
     return loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
 
 
-def _now(device: torch.device) -> float:
+def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels are asynchronous: time what ran, not what was queued
     return time.perf_counter()
 
 
-def _tqdm(it, enabled: bool, **kw):
+def resolve_device(device, world: World) -> torch.device:
+    if device is None:
+        dev = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank() if world.distributed else torch.cuda.current_device())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def progress_bar(it, enabled: bool, **kw):
     if not enabled:
-        return _Quiet(it)
+        return it
     from tqdm.auto import tqdm
     return tqdm(it, **kw)
 
 
-class _Quiet:
-    """What the loops need of a tqdm bar, without the bar."""
-
-    def __init__(self, it):
-        self._it = it
-
-    def __iter__(self):
-        return iter(self._it)
-
-    def set_postfix(self, **kw):
-        pass
+def _diverged(v: float, epoch: int, step: int, ckpt_dir: str | None, records) -> TrainingDiverged:
+    where = (f"the last good checkpoint (epoch {len(records)}) is kept in {ckpt_dir}" if ckpt_dir and records
+             else "no checkpoint was written")
+    return TrainingDiverged(f"training diverged: the loss became {v} in epoch {epoch} by step {step}; {where}. "
+                            "Lower the learning rate or check the data.", epoch=epoch, step=step,
+                            checkpoint=ckpt_dir if records else None)
 
 
-def _check_finite(loss_sum: Tensor, epoch: int, step: int, ckpt_path: str | None, records) -> None:
-    v = loss_sum.item()
-    if math.isfinite(v):
-        return
-    if ckpt_path is not None and os.path.exists(ckpt_path):
-        kept = f"the last good checkpoint (epoch {len(records)}) is kept at {ckpt_path}"
-    else:
-        kept = "no checkpoint was written"
-    raise TrainingDiverged(f"training diverged: the loss became {v} in epoch {epoch} by step {step}; {kept}. "
-                           "Lower the learning rate or check the data.", epoch=epoch, step=step,
-                           checkpoint=ckpt_path if ckpt_path and os.path.exists(ckpt_path) else None)
+def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainConfig(), *, seed: int = 0,
+          device=None, world: World | None = None, ddp_bn: str = "local", checkpoint_dir=None,
+          on_epoch: Callable[[EpochRecord], object] | None = None, on_step: Callable[[int, float], object] | None = None,
+          callbacks: TrainCallbacks | None = None, max_steps: int | None = None, granularity: str = "node",
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` under ``mask`` (one member: name -> bool ``[C]``, or a Masks of one; None: dense).
 
-
-# ------------------------------------------------------------------------------------ checkpoints
-def _save_checkpoint(path, identity, mask, net, opt, sched, loader, device, records, phases, epoch) -> None:
-    state = {
-        "format": "fastweedout.training/1",
-        "identity": identity,
-        "mask": mask,
-        "epoch": epoch,
-        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "optimizer": _to_cpu(opt.state_dict()),
-        "scheduler": sched.state_dict(),
-        "loader": loader.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "records": [r.to_dict() for r in records],
-        "phases": {k: v.to_dict() for k, v in phases.items()},
-    }
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_torch_save(state, path)  # temporary + fsync + rename: a crash mid-write leaves the previous checkpoint intact
-
-
-def _to_cpu(obj):
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
-
-
-def _load_checkpoint(path: str, identity: dict, mask) -> dict:
+    The caller's model is not modified. Evaluates on the test set after every epoch. ``world``: the
+    ranks to train on (default: the initialised process group, else one process); every rank calls
+    with the same arguments; ``config.batch_size`` is the global batch. ``ddp_bn``: ``local`` (each
+    rank's shard statistics; running statistics averaged after every epoch) or ``sync`` (the global
+    batch's statistics: the same result as one process up to fp32 rounding). ``on_epoch`` gets each
+    record; returning True stops after that epoch. ``on_step(step, loss)`` gets the global batch's
+    mean loss after each step (one extra all-reduce and host sync per step). ``max_steps`` stops after
+    that many optimizer steps in all (no evaluation of a partial epoch). ``granularity="weight"``: the
+    mask is over weights (``fastweedout.weights``) and the full network trains with the masked weights
+    held at zero. Raises :class:`TrainingDiverged`.
+    """
+    if not isinstance(model, WideResNet):
+        raise TypeError(f"train needs a WideResNet, got {type(model).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if model.in_channels != data.in_channels or model.num_classes != data.num_classes:
+        raise ValueError(f"the model takes {model.in_channels} channels / {model.num_classes} classes, the dataset "
+                         f"{data.name!r} has {data.in_channels} / {data.num_classes}")
+    if ddp_bn not in DDP_BN_MODES:
+        raise ValueError(f"ddp_bn must be one of {DDP_BN_MODES}, got {ddp_bn!r}")
+    world = world or World.current()
+    rank, size = world.rank, world.size
+    if config.batch_size % size:
+        raise ValueError(f"the global batch size {config.batch_size} must be divisible by the world size {size}")
+    device = resolve_device(device, world)
+    opts = config.resolved(device)
+    mask = member_mask(mask)
+    net, run_net, fwd_flops, step_flops, live_flops, live_params = prepare_network(
+        model, mask, config.masked, device, opts["channels_last"], data.image_size, granularity)
+    if ddp_bn == "sync" and world.distributed:
+        set_batchnorm(net, GlobalBatchNorm2d, world.group)
+    if data.device != device:
+        data = data.to(device)
+    loader = DeviceLoader(data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
+                          augment=data.augment, drop_last=config.drop_last, channels_last=opts["channels_last"],
+                          seed=seed)
+    steps = len(loader)
+    if steps == 0:
+        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
+                         f"{config.batch_size} (drop_last)")
+    t_lo, t_hi = world.shard(len(data.test))
+    test_loader = DeviceLoader(data.test.subset(torch.arange(t_lo, t_hi)), config.eval_batch_size,
+                               mean=data.mean, std=data.std, channels_last=opts["channels_last"])
+    fwd_net = run_net
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Buffers stay per rank during an epoch (local BN statistics) and are averaged after it.
+        # (newer torch calls the switch forward_sync_buffers; parameters and buffers are synced at init either way)
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        fwd_net = DDP(run_net, device_ids=[device.index] if device.type == "cuda" else None,
+                      process_group=world.group, **no_sync)
+    opt = make_optimizer(run_net, config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps))
+    phases = {"training": PhaseStats(), "evaluation": PhaseStats()}
+    records: list[EpochRecord] = []
+    ckpt_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+    identity = {"config": asdict(config), "seed": seed, "model": model.config, "widths": dict(net.node_layers()),
+                "dataset": data.name, "train_size": len(data.train), "train_fingerprint": data_fingerprint(data),
+                # a "sync" run does not depend on the world size, so it may resume on another one
+                "distributed": {"bn": ddp_bn} if ddp_bn == "sync" or size == 1 else {"bn": ddp_bn, "world_size": size}}
+    start_epoch = 0
+    if ckpt_dir is not None:
+        found = None
+        if rank == 0:
+            try:
+                found = ("ok", ckpt.load(ckpt_dir, identity, mask))
+            except ValueError as e:
+                found = ("error", str(e))
+        found = world.broadcast_object(found)
+        if found[0] == "error":
+            raise ValueError(found[1])
+        state = found[1]
+        if state is not None:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["loader"])
+            records = [EpochRecord(**r) for r in state["records"]]
+            phases = {k: PhaseStats(**v) for k, v in state["phases"].items()}
+            start_epoch = state["epoch"]
+            if callbacks is not None:
+                callbacks.load_state_dict(state.get("callbacks", {}))
+    resumed_from = start_epoch
+    fwd = torch.compile(fwd_net) if opts["compile"] else fwd_net
+    eval_fwd = fwd if fwd_net is run_net else (torch.compile(run_net) if opts["compile"] else run_net)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if opts["amp"] else contextlib.nullcontext()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    completed = start_epoch >= config.epochs
+    global_step = start_epoch * steps
+    t_call = time.perf_counter()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable training checkpoint ({type(e).__name__}: {e}); "
-                         "delete it to start over") from e
-    if not isinstance(state, dict) or state.get("format") != "fastweedout.training/1":
-        raise ValueError(f"{path}: not a fastweedout training checkpoint")
-    old = state["identity"]
-    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items() if old.get(k) != v]
-    if old.get("config") != identity["config"]:
-        diff = [f"config.{k}: {old['config'].get(k)!r} -> {v!r}" for k, v in identity["config"].items()
-                if old["config"].get(k) != v] + [d for d in diff if not d.startswith("config")]
-    old_mask = state.get("mask")
-    if (old_mask is None) != (mask is None) or (mask is not None and (
-            set(old_mask) != set(mask) or any(not torch.equal(old_mask[k], mask[k]) for k in mask))):
-        diff.append("the mask differs")
-    if diff:
-        raise ValueError(f"{path} belongs to a different training run ({'; '.join(diff)}); "
-                         "use another checkpoint directory or delete it")
-    return state
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            bar = progress_bar(range(start_epoch, config.epochs), progress and rank == 0, desc="epochs",
+                               initial=start_epoch, total=config.epochs)
+            for epoch in bar:
+                torch.manual_seed((seed * 1_000_003 + rank) * 10_007 + epoch)  # dropout noise
+                lr = opt.param_groups[0]["lr"]
+                t0 = now(device)
+                run_net.train()
+                stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+                batches = progress_bar(loader, progress and rank == 0, desc=f"epoch {epoch + 1}", leave=False,
+                                       total=steps)
+                for step, (x, y) in enumerate(batches, start=1):
+                    if callbacks is not None:
+                        callbacks.before_step(global_step, run_net)
+                    b = y.shape[0]
+                    lo, hi = shard_range_of(b, world)
+                    x, y = x[lo:hi], y[lo:hi]
+                    with amp:
+                        logits = fwd(x)
+                    local_sum = criterion(logits, y, config.label_smoothing, reduction="sum")
+                    # DDP averages gradients over the ranks: scale so that the average is d(global mean)/dw.
+                    loss = local_sum * (size / b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    global_step += 1
+                    stats[0] += local_sum.detach()
+                    stats[1] += (logits.detach().argmax(1) == y).sum()
+                    stats[2] += y.shape[0]
+                    if on_step is not None:
+                        s = world.all_reduce_(local_sum.detach().double().reshape(1))
+                        on_step(global_step, float(s) / b)
+                    last = step == steps or (max_steps is not None and global_step >= max_steps)
+                    if step % _FINITE_CHECK_EVERY == 0 or last:
+                        v = world.all_reduce_(stats[:1].clone()).item()
+                        if not math.isfinite(v):
+                            raise _diverged(v, epoch + 1, step, ckpt_dir, records)
+                    if max_steps is not None and global_step >= max_steps:
+                        break
+                tot = world.all_reduce_(stats.clone())
+                seen = int(tot[2])
+                t1 = now(device)
+                phases["training"].wall_s += t1 - t0
+                phases["training"].flops += float(step_flops) * seen
+                phases["training"].images += seen
+                if max_steps is not None and global_step >= max_steps and step < steps:
+                    break  # a partial epoch: no evaluation, no record
+                if ddp_bn == "local":
+                    average_bn_buffers(net, world)
+                test_loss, test_acc = evaluate(eval_fwd, test_loader, amp=amp)
+                n_r = t_hi - t_lo
+                ev = world.all_reduce_(torch.tensor([test_loss * n_r, round(test_acc * n_r), n_r],
+                                                    dtype=torch.float64, device=device))
+                n_test = max(int(ev[2]), 1)
+                t2 = now(device)
+                phases["evaluation"].wall_s += t2 - t1
+                phases["evaluation"].flops += float(fwd_flops) * len(data.test)
+                phases["evaluation"].images += len(data.test)
+                rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(tot[0]) / seen,
+                                  train_acc=float(tot[1]) / seen, test_loss=float(ev[0]) / n_test,
+                                  test_acc=float(ev[1]) / n_test, train_time_s=t1 - t0, eval_time_s=t2 - t1,
+                                  wall_time_s=time.perf_counter() - t_call)
+                records.append(rec)
+                if ckpt_dir is not None and rank == 0:
+                    ckpt.save(ckpt_dir, dict(
+                        identity=identity, mask=mask, epoch=epoch + 1, model=net.state_dict(),
+                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), loader=loader.state_dict(),
+                        records=[r.to_dict() for r in records], phases={k: v.to_dict() for k, v in phases.items()},
+                        callbacks=callbacks.state_dict() if callbacks is not None else {}))
+                if progress and rank == 0 and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(train_acc=f"{rec.train_acc:.3f}", test_acc=f"{rec.test_acc:.3f}")
+                completed = epoch + 1 == config.epochs
+                stop = on_epoch is not None and on_epoch(rec) is True
+                if world.any(stop or (max_steps is not None and global_step >= max_steps), device):
+                    break
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        set_batchnorm(net, nn.BatchNorm2d)
+    net.eval()
+    return TrainResult(records=records, phases=phases, model=net, mask=mask, config=config, device=str(device),
+                       forward_flops=fwd_flops, train_step_flops=step_flops, live_forward_flops=live_flops,
+                       params=count_params(net), live_params=live_params, steps=global_step, completed=completed,
+                       resumed_from=resumed_from)
 
 
-__all__ = ["TrainConfig", "TrainResult", "EpochRecord", "PhaseStats", "TrainingDiverged", "train", "evaluate",
-           "make_optimizer", "make_scheduler", "prepare_network", "lr_factor", "criterion", "MaskedNet",
-           "CHECKPOINT_NAME", "SCHEDULES"]
+def shard_range_of(n: int, world: World) -> tuple[int, int]:
+    return world.shard(n) if world.distributed else (0, n)
+
+
+__all__ = ["EpochRecord", "MaskedNet", "PhaseStats", "TrainCallbacks", "TrainResult", "TrainingDiverged",
+           "count_params", "criterion", "data_fingerprint", "evaluate", "lr_factor", "make_optimizer", "member_mask",
+           "prepare_network", "train"]

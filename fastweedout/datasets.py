@@ -1,4 +1,4 @@
-"""Datasets held as uint8 tensors, a seeded validation split, and a loader that augments on the device.
+"""Datasets held as uint8 tensors and a seeded validation split.
 
 Real datasets are read from torchvision's on-disk layouts (CIFAR pickle batches, MNIST-like IDX
 files) with small readers of our own: torchvision's classes insist on the official checksums, which
@@ -13,8 +13,8 @@ import math
 import os
 import pickle
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,19 @@ SYSTEM_DIRS = {
     "mnist": ["/usr/share/datasets/mnist"],
 }
 DATA_ROOT_ENV = "FASTWEEDOUT_DATA"
+
+
+_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist": "fashion-mnist",
+            "fmnist": "fashion-mnist"}
+
+
+def dataset_key(name: str) -> str:
+    """The canonical dataset name (``FashionMNIST`` -> ``fashion-mnist``); ValueError when unknown."""
+    key = str(name).lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    return key
 
 
 class DatasetError(ValueError):
@@ -65,10 +78,10 @@ class Split:
     def device(self) -> torch.device:
         return self.images.device
 
-    def to(self, device) -> "Split":
+    def to(self, device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
-    def subset(self, index: Tensor) -> "Split":
+    def subset(self, index: Tensor) -> Split:
         index = index.to(self.images.device)
         return Split(self.images.index_select(0, index), self.labels.index_select(0, index))
 
@@ -94,20 +107,13 @@ class Dataset:
     def device(self) -> torch.device:
         return self.train.device
 
-    def to(self, device) -> "Dataset":
+    def to(self, device) -> Dataset:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
         return getattr(self, name)
-
-    def loader(self, split: str, batch_size: int, *, train: bool = False, seed: int = 0,
-               drop_last: bool = False, channels_last: bool = False) -> "DeviceLoader":
-        """A :class:`DeviceLoader` over one split: shuffled and augmented when ``train``, in order otherwise."""
-        return DeviceLoader(self.split(split), batch_size, mean=self.mean, std=self.std, shuffle=train,
-                            augment=self.augment if train else "none", drop_last=drop_last,
-                            channels_last=channels_last, seed=seed)
 
 
 @dataclass
@@ -157,11 +163,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, val_size: int
     by a permutation seeded with ``seed`` (None: 5000, or the synthetic config's ``val_size``).
     Raises :class:`DatasetError` when the data is missing or corrupt.
     """
-    key = str(name).lower().replace("_", "-")
-    key = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist": "fashion-mnist",
-           "fmnist": "fashion-mnist"}.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    key = dataset_key(name)
     if key == "synthetic":
         cfg = synthetic if isinstance(synthetic, SyntheticConfig) else SyntheticConfig(**(synthetic or {}))
         (xtr, ytr), (xte, yte) = make_synthetic(cfg)
@@ -424,100 +426,5 @@ def make_synthetic(cfg: SyntheticConfig) -> tuple[tuple[Tensor, Tensor], tuple[T
     return draw(cfg.train_size), draw(cfg.test_size)
 
 
-# --------------------------------------------------------------------------------- device loader
-class DeviceLoader:
-    """Batches of a split kept whole on its device: ``(float images normalised, int64 labels)``.
-
-    The epoch's order and augmentation parameters are drawn at the start of each pass from one CPU
-    ``torch.Generator`` (``state_dict``/``load_state_dict`` save and restore it, so a resumed run sees
-    the same data) and moved to the device once; cropping (zero padding, as torchvision's
-    ``RandomCrop(padding=4)``) and flipping are one batched gather on the device.
-    """
-
-    def __init__(self, split: Split, batch_size: int, *, mean, std, shuffle: bool = False,
-                 augment: str = "none", padding: int = 4, drop_last: bool = False, channels_last: bool = False,
-                 seed: int = 0, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-        if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}")
-        self.split, self.batch_size = split, batch_size
-        self.shuffle, self.augment, self.padding = shuffle, augment, padding
-        self.drop_last, self.channels_last, self.dtype = drop_last, channels_last, dtype
-        c = split.images.shape[1]
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-        if mean.numel() not in (1, c) or std.numel() not in (1, c):
-            raise ValueError(f"mean/std need 1 or {c} values, got {mean.numel()} and {std.numel()}")
-        # x_norm = (x/255 - mean)/std = x * scale + shift: one fused multiply-add on the device.
-        dev = split.device
-        self._scale = (1.0 / (255.0 * std)).expand(c).reshape(1, c, 1, 1).to(dev)
-        self._shift = (-mean / std).expand(c).reshape(1, c, 1, 1).to(dev)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-
-    @property
-    def device(self) -> torch.device:
-        return self.split.device
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        """Images yielded per pass (fewer than the split's when drop_last drops a partial batch)."""
-        return min(len(self) * self.batch_size, len(self.split))
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.generator.set_state(state["generator"])
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, b, dev = len(self.split), self.batch_size, self.device
-        g = self.generator
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        aug = None
-        if self.augment != "none":
-            off = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)
-            flip = (torch.rand(n, generator=g) < 0.5 if self.augment == "crop_flip"
-                    else torch.zeros(n, dtype=torch.bool))
-            aug = (off[0].to(dev), off[1].to(dev), flip.to(dev))
-        order = order.to(dev)
-        for i in range(len(self)):
-            idx = order[i * b:(i + 1) * b]
-            x = self.split.images.index_select(0, idx)
-            y = self.split.labels.index_select(0, idx)
-            if aug is not None:
-                sl = slice(i * b, i * b + idx.shape[0])
-                x = crop_flip(x, aug[0][sl], aug[1][sl], aug[2][sl], self.padding)
-            yield self.normalize(x), y
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """uint8 ``[B, C, H, W]`` -> normalised float (channels_last when asked)."""
-        y = x.to(torch.float32).mul_(self._scale).add_(self._shift)
-        if self.channels_last:
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y if self.dtype == torch.float32 else y.to(self.dtype)
-
-
-def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int) -> Tensor:
-    """Per-image crop of the zero-padded batch at offsets (dy, dx) in [0, 2*padding], then optional
-    horizontal flip: one gather for the whole batch. x: ``[B, C, H, W]``; dy, dx, flip: ``[B]``."""
-    bsz, c, h, w = x.shape
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
-    dev = x.device
-    rows = dy.view(-1, 1) + torch.arange(h, device=dev)
-    cols = dx.view(-1, 1) + torch.arange(w, device=dev)
-    cols = torch.where(flip.view(-1, 1), cols.flip(1), cols)
-    bi = torch.arange(bsz, device=dev).view(-1, 1, 1, 1)
-    ci = torch.arange(c, device=dev).view(1, -1, 1, 1)
-    return x[bi, ci, rows.view(bsz, 1, h, 1), cols.view(bsz, 1, 1, w)]
-
-
-__all__ = ["DATASETS", "Dataset", "DatasetError", "DeviceLoader", "Split", "SyntheticConfig", "crop_flip",
-           "default_roots", "holdout", "load_dataset", "make_synthetic", "read_idx", "write_idx"]
+__all__ = ["DATASETS", "Dataset", "DatasetError", "Split", "SyntheticConfig", "dataset_key", "default_roots",
+           "holdout", "load_dataset", "make_synthetic", "read_idx", "write_idx"]

@@ -1,0 +1,182 @@
+"""The report's figures (matplotlib, Agg, written atomically): the paper's Figure 2, accuracy per epoch,
+the search's fitness per generation, and accuracy against each search-study axis."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from .atomic import atomic_output
+from .stats import CONFIDENCE, mean_ci
+
+COLORS = {"dense": "#333333", "weedout": "#d62728", "random": "#1f77b4", "given": "#2ca02c", "throughout": "#ff7f0e",
+          "l1": "#9467bd", "snip": "#8c564b", "grasp": "#e377c2", "synflow": "#17becf"}
+
+
+def _new_figure(ncols: int, nrows: int = 1, w: float = 5.0, h: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, whatever pyplot's backend: no display needed, no global state
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig, path: str, dpi: int = 110) -> bool:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return True
+
+
+def label(series: str, all_series) -> str:
+    """The arm alone when it has one series, else the whole series key."""
+    arm = series.split("/")[0]
+    return arm if sum(1 for s in all_series if s.split("/")[0] == arm) == 1 else series
+
+
+def _band(ax, xs, stats, color, lbl, style="o-"):
+    ms = [100 * m for m, _ in stats]
+    ci = [100 * (c if math.isfinite(c) else 0.0) for _, c in stats]
+    ax.plot(xs, ms, style, color=color, label=lbl)
+    ax.fill_between(xs, [a - b for a, b in zip(ms, ci)], [a + b for a, b in zip(ms, ci)], color=color, alpha=0.2,
+                    linewidth=0)
+
+
+def plot_figure2(conds, exp: str, path: str) -> bool:
+    """The paper's Figure 2: (a) train and (b) test accuracy vs sparsity, per series, with CI bands."""
+    mine = [c for c in conds if c.experiment == exp]
+    dense = [c for c in mine if c.arm == "dense"]
+    series: dict[str, list] = defaultdict(list)
+    for c in mine:
+        if c.arm != "dense":
+            series[c.series].append(c)
+    if not series and dense:
+        series["dense"] = []
+    fig, axes = _new_figure(2)
+    for ax, metric, title in ((axes[0][0], "train_acc", "(a) train accuracy"), (axes[0][1], "test_acc",
+                                                                                 "(b) test accuracy")):
+        for s, cs in series.items():
+            cs = sorted(dense + cs, key=lambda c: c.sparsity)
+            _band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], COLORS.get(s.split("/")[0]),
+                  label(s, series))
+        ax.set_xlabel("sparsity η (fraction of nodes off)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    cfg = mine[0].runs[0].config
+    fig.suptitle(f"{cfg['model']['name']} on {cfg['data']['name']}, {cfg['training']['epochs']} epochs: mean and "
+                 f"{100 * CONFIDENCE:g}% CI over seeds")
+    return _save(fig, path, 120)
+
+
+def _epoch_stats(runs_, key: str):
+    per_epoch = defaultdict(list)
+    for r in runs_:
+        for e in r.epochs:
+            if e.get(key) is not None:
+                per_epoch[e["epoch"]].append(e[key])
+    xs = sorted(per_epoch)
+    return xs, [mean_ci(per_epoch[x]) for x in xs]
+
+
+def plot_curves(conds, exp: str, path: str) -> bool:
+    """Accuracy per epoch, one panel per sparsity: test (solid, CI band) and train (dashed) per series."""
+    from matplotlib.ticker import MaxNLocator
+
+    mine = [c for c in conds if c.experiment == exp]
+    etas = sorted({c.sparsity for c in mine})
+    all_series = {c.series for c in mine}
+    fig, axes = _new_figure(len(etas), w=4.0, h=3.5)
+    for ax, eta in zip(axes[0], etas):
+        for c in (c for c in mine if c.sparsity == eta):
+            color, lbl = COLORS.get(c.arm), label(c.series, all_series)
+            xs, st = _epoch_stats(c.runs, "test_acc")
+            _band(ax, xs, st, color, f"{lbl} test", "-")
+            xs, st = _epoch_stats(c.runs, "train_acc")
+            ax.plot(xs, [100 * m for m, _ in st], "--", color=color, label=f"{lbl} train")
+        ax.set_title(f"η = {eta:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
+def plot_search(conds, exp: str, path: str) -> bool:
+    """Best and mean fitness per generation of the searches, one line per (series, sparsity)."""
+    mine = [c for c in conds if c.experiment == exp and any(r.search and r.search.get("best_fitness")
+                                                              for r in c.runs)]
+    if not mine:
+        return False
+    fig, axes = _new_figure(2)
+    for ax, key, title in ((axes[0][0], "best_fitness", "best fitness"), (axes[0][1], "mean_fitness", "mean fitness")):
+        for c in mine:
+            rows = [r.search[key] for r in c.runs if r.search and r.search.get(key)]
+            g = min(map(len, rows))
+            ys = [sum(row[i] for row in rows) / len(rows) for i in range(g)]
+            ax.plot(range(1, g + 1), ys, "o-", label=f"η={c.sparsity:g} {label(c.series, {x.series for x in mine})}")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("fitness (-loss or accuracy)")
+        ax.set_title(f"{title} per generation (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
+def _axis_groups(conds):
+    """{axis name: {(fixed context): [(x value, condition)]}} for population, generations and model."""
+    out: dict[str, dict] = {"population": defaultdict(list), "generations": defaultdict(list),
+                            "model": defaultdict(list)}
+    for c in conds:
+        cfg = c.runs[0].config
+        if c.arm == "weedout":
+            s = cfg["search"]
+            for axis, other in (("population", "generations"), ("generations", "population")):
+                ctx = (c.experiment, c.sparsity, s[other], s["metric"], s["strategy"], cfg.get("granularity"))
+                out[axis][ctx].append((s[axis], c))
+        data_train = (str(cfg["data"]), str(cfg["training"]))
+        out["model"][(data_train, c.series.split("/")[0], c.sparsity)].append((cfg["model"]["name"], c))
+    return {a: {k: sorted(v, key=lambda t: _order(t[0])) for k, v in g.items() if len({x for x, _ in v}) > 1}
+            for a, g in out.items()}
+
+
+def _order(x):
+    if isinstance(x, str) and x.startswith("wrn_"):
+        d, w = x[4:].split("_")
+        return (int(w) * int(w) * int(d), x)
+    return (x, "")
+
+
+def plot_axes(conds, comps, path: str) -> bool:
+    """Test accuracy after training (and the gap to random before training) against every axis that
+    varies: population size, generation count, model depth/width."""
+    groups = {a: g for a, g in _axis_groups(conds).items() if g}
+    if not groups:
+        return False
+    gap = {(r["experiment"], r["series"], r["sparsity"]): r for r in comps}
+    fig, axes = _new_figure(2, len(groups))
+    for row, (axis, g) in zip(axes, groups.items()):
+        for ctx, pts in g.items():
+            xs = [str(x) for x, _ in pts]
+            name = f"η={ctx[1]:g}" if axis != "model" else f"{ctx[1]} η={ctx[2]:g}"
+            _band(row[0], xs, [c.stat("test_acc") for _, c in pts], None, name)
+            d = [gap.get((c.experiment, c.series, c.sparsity)) for _, c in pts]
+            if any(d):
+                row[1].errorbar(xs, [r["diff_init_val_loss"] if r else math.nan for r in d],
+                                yerr=[r["ci_init_val_loss"] if r and math.isfinite(r["ci_init_val_loss"]) else 0
+                                      for r in d], fmt="o-", capsize=3, label=name)
+        row[0].set_title(f"test accuracy after training vs {axis}")
+        row[0].set_ylabel("accuracy (%)")
+        row[1].set_title(f"validation loss before training, minus random, vs {axis}")
+        row[1].set_ylabel("Δ loss (nats; < 0: the search found better masks)")
+        for ax in row:
+            ax.set_xlabel(axis)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
+__all__ = ["COLORS", "label", "plot_axes", "plot_curves", "plot_figure2", "plot_search"]
