@@ -17,6 +17,7 @@ from .datasets import DATASETS, SyntheticConfig, dataset_key
 from .fields import check, opt
 from .masks import MODES
 from .model import WideResNet, parse_model_name
+from .runs import config_hash, to_jsonable
 
 ENGINES = ("auto", "loop", "folded", "compact")
 METRICS = ("loss", "accuracy")
@@ -219,6 +220,14 @@ class RunConfig:
             raise ValueError("training must be a TrainConfig")
         if not isinstance(self.data, DataConfig) or not isinstance(self.model, ModelConfig):
             raise ValueError("data and model must be a DataConfig and a ModelConfig")
+
+    @property
+    def hash(self) -> str:
+        """The run's identity: sha256 of the canonical JSON of the whole config (``fastweedout.runs``)."""
+        return config_hash(self)
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
 
     @property
     def name(self) -> str:

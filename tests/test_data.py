@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastweedout import data as D
-from fastweedout.data import (DatasetError, DeviceLoader, Split, SyntheticConfig, crop_flip, holdout,
-                              load_dataset, read_idx, write_idx)
+from fastweedout import datasets as D
+from fastweedout.datasets import (DatasetError, Split, SyntheticConfig, holdout, load_dataset, read_idx,
+                                  write_idx)
+from fastweedout.loader import DeviceLoader, crop_flip
 
 IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -324,11 +325,9 @@ def test_loader_state_dict_resumes_the_same_order():
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(epoch2, list(ld)))  # epochs differ
 
 
-def test_dataset_loader_helper_and_to():
+def test_dataset_split_and_to():
     ds = load_dataset("synthetic", synthetic=dict(train_size=64, test_size=16, val_size=16))
-    tr = ds.loader("train", 16, train=True, drop_last=True)
-    te = ds.loader("test", 16)
-    assert tr.augment == "crop" and tr.shuffle and te.augment == "none" and not te.shuffle
+    assert ds.split("test") is ds.test and ds.augment == "crop"
     assert ds.to("cpu").device.type == "cpu"
     with pytest.raises(ValueError):
         ds.split("holdout")

@@ -7,8 +7,8 @@ import os
 import pytest
 from scipy import special
 
-from fastweedout import report, runs
-from fastweedout.experiment import DataConfig, ModelConfig, SearchConfig, TrainingConfig, make_run_config
+from fastweedout import report, runs, stats
+from fastweedout.config import DataConfig, ModelConfig, SearchConfig, TrainConfig, make_run_config
 from fastweedout.runs import RunDir, RunError
 
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles from a table
@@ -17,11 +17,12 @@ DATA = DataConfig("synthetic")
 
 
 def fake_run(root, arm, eta, seed, test, train, init_loss, init_acc, search=(0.0, 0.0), training=(10.0, 1e9),
-             done=True, epochs=2):
-    cfg = make_run_config(arm, eta, data=DATA, model=ModelConfig(), seed=seed, search=SearchConfig(),
-                          training=TrainingConfig(epochs=epochs))
+             done=True, epochs=2, population=100, model="wrn_10_1"):
+    cfg = make_run_config(arm, eta, data=DATA, model=ModelConfig(model), seed=seed,
+                          search=SearchConfig(population=population), training=TrainConfig(epochs=epochs))
     rd = RunDir.open(root, cfg.name, cfg)
-    recs = [dict(type="phase", phase="search", wall_s=search[0], flops=search[1]),
+    recs = [dict(type="phase", phase="search", wall_s=search[0], flops=search[1], elite_index=[3, 0, 0, 7, 0],
+                 best_fitness=[-2.3, -2.2, -2.2, -2.1, -2.1], mean_fitness=[-2.4] * 5),
             dict(type="mask", init_val_loss=init_loss, init_val_acc=init_acc)]
     recs += [dict(type="epoch", epoch=e, train_acc=train * e / epochs, test_acc=test * e / epochs)
              for e in range(1, epochs + 1)]
@@ -70,25 +71,45 @@ def hand_welch(a, b):
     return t, p, df
 
 
-def test_mean_ci_and_welch_against_hand_values():
-    m, ci = report.mean_ci(W["test"])
+def hand_paired(a, b):
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    m = sum(d) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    t = m / (sd / math.sqrt(n))
+    p = special.betainc((n - 1) / 2, 0.5, (n - 1) / (n - 1 + t * t))
+    return m, T_975[n - 1] * sd / math.sqrt(n), t, p
+
+
+def test_statistics_against_hand_values():
+    m, ci = stats.mean_ci(W["test"])
     hm, hci = hand_mean_ci(W["test"])
     assert m == pytest.approx(0.8233333333333334, abs=1e-12) and m == pytest.approx(hm)
     assert ci == pytest.approx(hci, rel=1e-9) and ci == pytest.approx(0.062516, abs=1e-5)
-    t, p, df = report.welch(W["test"], R["test"])
+    t, p, df = stats.welch(W["test"], R["test"])
     ht, hp, hdf = hand_welch(W["test"], R["test"])
     assert (t, p, df) == pytest.approx((ht, hp, hdf), rel=1e-9)
-    assert report.mean_ci([0.5]) == (0.5, pytest.approx(math.nan, nan_ok=True))
-    assert all(math.isnan(v) for v in report.welch([0.5], [0.4, 0.6]))
-    assert all(math.isnan(v) for v in report.welch([0.5, 0.5], [0.4, 0.4]))  # no variance: undefined
+    assert stats.mean_ci([0.5]) == (0.5, pytest.approx(math.nan, nan_ok=True))
+    assert all(math.isnan(v) for v in stats.welch([0.5], [0.4, 0.6]))
+    assert all(math.isnan(v) for v in stats.welch([0.5, 0.5], [0.4, 0.4]))  # no variance: undefined
+    r = stats.paired(dict(enumerate(W["test"])), dict(enumerate(R["test"])))
+    hm, hci, ht, hp = hand_paired(W["test"], R["test"])
+    assert (r["diff"], r["diff_ci"], r["t"], r["p"], r["n"]) == pytest.approx((hm, hci, ht, hp, 3), rel=1e-9)
+    only = stats.paired({0: 1.0, 1: 2.0, 5: 9.0}, {0: 0.5, 1: 1.0, 2: 4.0})  # pairs by key, unpaired ones dropped
+    assert only["n"] == 2 and only["diff"] == pytest.approx(0.75)
+    assert math.isnan(stats.paired({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0})["p"])  # equal differences: undefined
+    # Holm: sorted p * (m - rank), running maximum, capped at 1; NaN ignored
+    assert stats.holm([0.01, 0.04, 0.03, math.nan, 0.5]) == pytest.approx(
+        [0.04, 0.09, 0.09, math.nan, 0.5], nan_ok=True)
 
 
 def test_report_files_and_numbers(results, tmp_path):
     rep = report.write_report(results)
-    for name in report.REPORT_FILES:
+    for name in ("report.md", "summary.csv", "figure2.png", "curves.png", "search.png"):
         assert os.path.getsize(rep.paths[name]) > 0
-    for png in ("figure2.png", "curves.png"):
+    for png in ("figure2.png", "curves.png", "search.png"):
         assert open(rep.paths[png], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "axes.png" not in rep.paths  # no search-study axis varies here
     assert not [n for n in os.listdir(results) if n.startswith(".") and n.endswith(".tmp")]
     assert len(rep.collection.runs) == 11 and len(rep.collection.incomplete) == 1
 
@@ -100,13 +121,19 @@ def test_report_files_and_numbers(results, tmp_path):
         m, ci = hand_mean_ci(vals)
         assert float(w[f"{key}_mean"]) == pytest.approx(m, rel=1e-5)
         assert float(w[f"{key}_ci95"]) == pytest.approx(ci, rel=1e-5)
+    ps = {}
     for key in ("test_acc", "train_acc", "init_val_loss", "init_val_acc"):
         name = {"test_acc": "test", "train_acc": "train", "init_val_loss": "loss", "init_val_acc": "acc"}[key]
-        t, p, _ = hand_welch(W[name], R[name])
-        assert float(w[f"welch_t_{key}"]) == pytest.approx(t, rel=1e-5)
-        assert float(w[f"welch_p_{key}"]) == pytest.approx(p, rel=1e-5)
-    assert by[("random", 0.5)]["welch_p_test_acc"] == ""  # the test is reported on the weedout row
+        d, ci, t, p = hand_paired(W[name], R[name])
+        assert float(w[f"paired_diff_{key}"]) == pytest.approx(d, rel=1e-5, abs=1e-9)
+        assert float(w[f"paired_ci_{key}"]) == pytest.approx(ci, rel=1e-5)
+        assert float(w[f"paired_p_{key}"]) == pytest.approx(p, rel=1e-5)
+        ps[key] = p
+    # Holm over the comparisons of a metric: eta 0.8 has one pair only (p undefined), so one test each
+    assert float(w["paired_p_holm_test_acc"]) == pytest.approx(ps["test_acc"], rel=1e-5)
+    assert w["control"] == "random/layerwise/node" and by[("random", 0.5)]["paired_p_test_acc"] == ""
     assert int(w["n"]) == 3 and w["seeds"] == "0 1 2"
+    assert float(w["elite_wins"]) == pytest.approx(0.75)  # generations 2..5: the elite (index 0) won 3 of 4
     # compute: search vs training
     assert float(w["search_flops_mean"]) == 3e8 and float(w["training_flops_mean"]) == 6e8
     assert float(w["search_share_flops"]) == pytest.approx(1 / 3)
@@ -114,18 +141,40 @@ def test_report_files_and_numbers(results, tmp_path):
     assert float(by[("random", 0.5)]["search_share_flops"]) == 0
     # n = 1: a mean, no interval, no test
     w8 = by[("weedout", 0.8)]
-    assert float(w8["test_acc_mean"]) == pytest.approx(0.7) and w8["test_acc_ci95"] == "" and w8["welch_p_test_acc"] == ""
+    assert float(w8["test_acc_mean"]) == pytest.approx(0.7) and w8["test_acc_ci95"] == "" and w8["paired_p_test_acc"] == ""
 
     md = open(rep.paths["report.md"]).read()
     m, ci = hand_mean_ci(W["test"])
     assert f"{100 * m:.2f} ± {100 * ci:.2f}" in md
-    assert "figure2.png" in md and "1 incomplete" in md
-    # dense -> 80%: the headline
-    assert "dense → eta=0.8" in md
+    assert "figure2.png" in md and "1 incomplete" in md and "paired by seed" in md
+    assert "dense → η=0.8" in md and "about 15 points" in md  # the headline, beside the paper's drop
+    assert "75%" in md  # the elite's wins
 
     # a second report over the same results gives the same tables
     again = report.write_report(results, tmp_path / "elsewhere")
     assert open(again.paths["summary.csv"]).read() == open(rep.paths["summary.csv"]).read()
+
+
+def test_unreadable_records_are_skipped_with_a_warning_not_fatal(results):
+    victim = fake_run(results, "random", 0.5, 3, 0.5, 0.5, 2.3, 0.1)
+    with open(victim.results_path, "a") as f:
+        f.write('{"type": "ep')
+    with pytest.warns(RuntimeWarning, match=os.path.basename(victim.path)):
+        rep = report.write_report(results)
+    assert rep.collection.unreadable == [victim.path] and len(rep.collection.runs) == 11
+    assert "unreadable records" in open(rep.paths["report.md"]).read()
+
+
+def test_axes_figure_for_a_population_study(tmp_path):
+    root = tmp_path / "res"
+    for s in range(2):
+        fake_run(root, "random", 0.5, s, 0.8, 0.8, 2.3, 0.1)
+        for pop, bump in ((10, 0.0), (100, 0.01)):
+            fake_run(root, "weedout", 0.5, s, 0.8 + bump + 0.01 * s, 0.8, 2.2 - bump, 0.1, population=pop)
+    rep = report.write_report(root)
+    assert "axes.png" in rep.paths and open(rep.paths["axes.png"], "rb").read(4) == b"\x89PNG"
+    series = {c.series for c in rep.conditions}
+    assert {s.split("/")[3] for s in series if s.startswith("weedout")} == {"P10xG5", "P100xG5"}
 
 
 def test_report_errors(tmp_path):

@@ -9,23 +9,24 @@ import tempfile
 import pytest
 
 from fastweedout import runs
-from fastweedout.experiment import (DataConfig, ModelConfig, RunConfig, SearchConfig, TrainingConfig,
-                                    make_run_config)
+from fastweedout.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, make_run_config
 from fastweedout.runs import RunDir, RunError
 
 
 def base_config(**kw) -> RunConfig:
     return RunConfig(data=DataConfig("synthetic", val_size=40, train_subset=100, synthetic=dict(train_size=200)),
                      model=ModelConfig("wrn_10_1"), arm="weedout", sparsity=0.5, mode="layerwise", seed=1,
-                     search=SearchConfig(population=4, batch_size=16), training=TrainingConfig(epochs=2), **kw)
+                     search=SearchConfig(population=4, batch_size=16), training=TrainConfig(epochs=2), **kw)
 
 
 # A different valid value for every leaf field the mutation test visits.
 _STRINGS = {("model", "name"): "wrn_16_1", ("mode",): "global", ("search", "metric"): "accuracy",
-            ("search", "bn"): "running", ("search", "engine"): "loop", ("training", "schedule"): "step"}
+            ("search", "bn"): "running", ("search", "engine"): "loop", ("training", "schedule"): "step",
+            ("granularity",): "weight"}
 _NONES = {("data", "val_size"): 30, ("data", "train_subset"): 50, ("search", "batch_size"): 8,
           ("training", "compile"): False, ("training", "amp"): False, ("training", "channels_last"): True}
-_SKIP = {("arm",), ("data", "name"), ("search", "strategy"), ("mask_sha256",)}  # structural: tested separately
+_SKIP = {("arm",), ("data", "name"), ("search", "strategy"), ("mask_sha256",), ("rewind",), ("prune",),
+         ("throughout",)}  # structural: tested separately
 
 
 def _leaves(d, prefix=()):
@@ -76,8 +77,8 @@ def test_defaults_are_part_of_the_hash():
     d = cfg.to_dict()
     # Every field is written, defaults included, so a changed default never silently aliases old runs.
     assert d["training"]["weight_decay"] == 5e-4 and d["search"]["generations"] == 5
-    assert d["data"]["synthetic"]["image_size"] == 16 and d["version"] == 1
-    explicit = dataclasses.replace(cfg, training=TrainingConfig(epochs=2, lr=0.1, weight_decay=5e-4))
+    assert d["data"]["synthetic"]["image_size"] == 16 and d["version"] == 2
+    explicit = dataclasses.replace(cfg, training=TrainConfig(epochs=2, lr=0.1, weight_decay=5e-4))
     assert explicit.hash == cfg.hash
     assert runs.config_hash({**d, "training": {k: v for k, v in d["training"].items() if k != "lr"}}) != cfg.hash
     # numbers are normalised: 0 and 0.0, 1 and 1.0 hash alike
@@ -87,13 +88,19 @@ def test_defaults_are_part_of_the_hash():
 
 def test_structural_fields_change_the_hash():
     data, model = DataConfig("synthetic"), ModelConfig()
-    kw = dict(data=data, model=model, training=TrainingConfig(epochs=1), seed=0)
+    kw = dict(data=data, model=model, training=TrainConfig(epochs=1), seed=0)
     w, r = make_run_config("weedout", 0.5, **kw), make_run_config("random", 0.5, **kw)
     d0, d1 = make_run_config("weedout", 0.0, **kw), make_run_config("random", 0.0, **kw)
     assert d0 == d1 and d0.arm == "dense" and d0.search is None and d0.mode is None  # one dense run per seed
     assert len({w.hash, r.hash, d0.hash}) == 3
     assert make_run_config("weedout", 0.5, **{**kw, "data": DataConfig("fashion-mnist")}).hash != w.hash
     assert RunConfig.from_dict({**w.to_dict(), "training": None}).hash != w.hash  # search-only run
+    k = make_run_config("weedout", 0.5, pretrain_steps=10, **kw)
+    kr = make_run_config("weedout", 0.5, pretrain_steps=10, rewind=True, **kw)
+    assert len({k.hash, kr.hash, w.hash}) == 3 and not make_run_config("weedout", 0.5, rewind=True, **kw).rewind
+    snip = make_run_config("snip", 0.5, search=SearchConfig(population=7), **kw)
+    assert snip.search is None and snip.prune is not None  # only the arm's own sub-config is kept
+    assert make_run_config("throughout", 0.5, pretrain_steps=5, **kw).pretrain_steps == 0
 
 
 def test_invalid_configs_are_rejected():
@@ -106,13 +113,19 @@ def test_invalid_configs_are_rejected():
     with pytest.raises(ValueError, match="sparsity"):
         dataclasses.replace(base_config(), sparsity=1.0)
     with pytest.raises(ValueError, match="epochs"):
-        TrainingConfig(epochs=0)
+        TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="unknown arm"):
         make_run_config("lottery", 0.5, data=DataConfig("synthetic"), model=ModelConfig())
     with pytest.raises(ValueError, match="unknown RunConfig fields"):
         RunConfig.from_dict({**base_config().to_dict(), "extra": 1})
     with pytest.raises(ValueError, match="dense"):
         RunConfig(arm="weedout", sparsity=0.0)
+    with pytest.raises(ValueError, match="rewind needs pretrain_steps"):
+        dataclasses.replace(base_config(), rewind=True)
+    with pytest.raises(ValueError, match="weight granularity"):
+        make_run_config("snip", 0.5, granularity="weight")
+    with pytest.raises(ValueError, match="search config belongs"):
+        dataclasses.replace(base_config(), arm="random")
 
 
 def test_run_dir_is_named_by_the_hash_and_checked(tmp_path):
@@ -152,8 +165,8 @@ def test_jsonl_upsert_never_duplicates_and_is_atomic(tmp_path, monkeypatch):
     runs.upsert_jsonl(p, [dict(type="epoch", epoch=1, acc=0.1), dict(type="phase", phase="search", wall_s=1.0)])
     runs.upsert_jsonl(p, [dict(type="epoch", epoch=2, acc=0.2), dict(type="epoch", epoch=1, acc=0.15)])
     recs = runs.read_jsonl(p)
-    assert [(r["type"], r.get("epoch")) for r in recs] == [("epoch", 1), ("phase", None), ("epoch", 2)]
-    assert recs[0]["acc"] == 0.15  # replaced in place, not appended
+    assert [(r["type"], r.get("epoch")) for r in recs] == [("phase", None), ("epoch", 1), ("epoch", 2)]
+    assert recs[1]["acc"] == 0.15  # replaced, not appended
     runs.upsert_jsonl(p, [dict(type="final", loss=float("nan"))])
     assert runs.read_jsonl(p)[-1]["loss"] is None  # JSON has no NaN
     before = p.read_bytes()
@@ -207,3 +220,40 @@ def test_temporaries_left_by_a_kill_are_removed(tmp_path):
     with rd:
         assert sorted(rd.remove_temporaries()) == sorted(os.path.basename(p) for p in junk)
     assert all(os.path.exists(p) for p in keep) and not any(os.path.exists(p) for p in junk)
+
+
+def test_records_stay_in_order_whatever_order_they_are_written_in(tmp_path):
+    """A kill between an epoch's checkpoint and its record, then a resume that writes the later epochs
+    and the totals first, must still leave the file ordered (phase, mask, epochs, totals, final)."""
+    p = tmp_path / "results.jsonl"
+    runs.upsert_jsonl(p, [dict(type="epoch", epoch=3), dict(type="final", phase="training"),
+                          dict(type="phase", phase="evaluation"), dict(type="phase", phase="training")])
+    runs.upsert_jsonl(p, [dict(type="epoch", epoch=1), dict(type="mask"), dict(type="phase", phase="search"),
+                          dict(type="epoch", epoch=2), dict(type="phase", phase="pretrain")])
+    got = [(r["type"], r.get("phase"), r.get("epoch")) for r in runs.read_jsonl(p)]
+    assert got == [("phase", "pretrain", None), ("phase", "search", None), ("mask", None, None), ("epoch", None, 1),
+                   ("epoch", None, 2), ("epoch", None, 3), ("phase", "training", None), ("phase", "evaluation", None),
+                   ("final", "training", None)]
+
+
+def test_stale_creations_and_finished_runs_are_tidied(tmp_path):
+    cfg = base_config()
+    rd = RunDir.open(tmp_path, cfg.name, cfg)
+    # a kill while another run directory was being created leaves its hidden temporary directory
+    left = tmp_path / f".{rd.name}.abc123.tmp"
+    left.mkdir()
+    fresh = tmp_path / ".other-run-0123456789ab.xyz.tmp"  # being created right now by someone else
+    fresh.mkdir()
+    runs.check_results_dir(tmp_path)
+    assert not left.exists() and fresh.exists()
+    old = os.stat(fresh).st_mtime - 3600
+    os.utime(fresh, (old, old))
+    runs.check_results_dir(tmp_path)
+    assert not fresh.exists()
+    # a kill between the done-marker and the lock's removal leaves the lock file in a finished run
+    with rd:
+        rd.mark_done({})
+    open(rd.file(".lock"), "w").close()
+    open(rd.file(".results.jsonl.q1.tmp"), "w").close()
+    rd.tidy_finished()
+    assert sorted(os.listdir(rd.path)) == ["config.json", "done"]

@@ -8,10 +8,11 @@ import torch
 
 T = importlib.import_module("fastweedout.training")  # the module: `fastweedout.training` is also the function
 from fastweedout import WideResNet, create_model, sample_masks
-from fastweedout.data import load_dataset
+from fastweedout.checkpoint import CHECKPOINT_NAME, PREV_NAME
+from fastweedout.config import TrainConfig
+from fastweedout.datasets import load_dataset
 from fastweedout.flops import forward_flops
-from fastweedout.training import (EpochRecord, MaskedNet, TrainConfig, TrainingDiverged, lr_factor, make_optimizer,
-                               train)
+from fastweedout.training import EpochRecord, MaskedNet, TrainingDiverged, lr_factor, make_optimizer, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,35 +114,69 @@ def test_resume_after_interruption_gives_identical_numbers(tmp_path):
     # Dropout and augmentation make the run depend on every saved random state.
     model = WideResNet(10, 1, num_classes=10, in_channels=1, dropout=0.3)
     mask = sample_masks(model, 1, 0.25, generator=2).member(0)
-    cfg = TrainConfig(epochs=3, batch_size=64, schedule="step", label_smoothing=0.1, seed=4)
-    full = train(model, mask, data, cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    cfg = TrainConfig(epochs=3, batch_size=64, schedule="step", label_smoothing=0.1)
+    full = train(model, mask, data, cfg, seed=4, checkpoint_dir=tmp_path / "a", progress=False)
 
     hook, Interrupt = _stop_after(1)
     with pytest.raises(Interrupt):
-        train(model, mask, data, cfg, checkpoint_dir=tmp_path / "b", on_epoch=hook, progress=False)
-    assert os.path.exists(tmp_path / "b" / T.CHECKPOINT_NAME)
+        train(model, mask, data, cfg, seed=4, checkpoint_dir=tmp_path / "b", on_epoch=hook, progress=False)
+    assert os.path.exists(tmp_path / "b" / CHECKPOINT_NAME) and os.path.exists(tmp_path / "b" / PREV_NAME)
     torch.manual_seed(123)  # the caller's RNG state must not matter
-    resumed = train(model, mask, data, cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = train(model, mask, data, cfg, seed=4, checkpoint_dir=tmp_path / "b", progress=False)
     assert resumed.resumed_from == 1 and resumed.completed
     assert numbers(resumed.records) == numbers(full.records)
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
 
     # A finished run returns its result without training again.
-    done = train(model, mask, data, cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    done = train(model, mask, data, cfg, seed=4, checkpoint_dir=tmp_path / "b", progress=False)
     assert done.resumed_from == 3 and numbers(done.records) == numbers(full.records)
 
     # A checkpoint of another config or mask is refused, not silently continued.
     with pytest.raises(ValueError, match="config.lr"):
-        train(model, mask, data, TrainConfig(**{**cfg.__dict__, "lr": 0.05}), checkpoint_dir=tmp_path / "b",
+        train(model, mask, data, TrainConfig(**{**cfg.__dict__, "lr": 0.05}), seed=4, checkpoint_dir=tmp_path / "b",
               progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        train(model, mask, data, cfg, seed=5, checkpoint_dir=tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="train_fingerprint"):
         other_split = load_dataset("synthetic", seed=1, synthetic=dict(train_size=320, test_size=64, val_size=32,
                                                                         image_size=12))
-        train(model, mask, other_split, cfg, checkpoint_dir=tmp_path / "b", progress=False)
+        train(model, mask, other_split, cfg, seed=4, checkpoint_dir=tmp_path / "b", progress=False)
     other = sample_masks(model, 1, 0.25, generator=9).member(0)
     with pytest.raises(ValueError, match="mask differs"):
-        train(model, other, data, cfg, checkpoint_dir=tmp_path / "b", progress=False)
+        train(model, other, data, cfg, seed=4, checkpoint_dir=tmp_path / "b", progress=False)
+
+
+def test_damaged_checkpoint_falls_back_to_the_copy_and_a_stale_copy_is_refreshed(tmp_path):
+    data = tiny_data()
+    model = WideResNet(10, 1, num_classes=10, in_channels=1)
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    full = train(model, None, data, cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    hook, Interrupt = _stop_after(1)
+    d = tmp_path / "b"
+    with pytest.raises(Interrupt):
+        train(model, None, data, cfg, checkpoint_dir=d, on_epoch=hook, progress=False)
+    (d / CHECKPOINT_NAME).write_bytes(b"garbage")  # a damaged disk block
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        res = train(model, None, data, cfg, checkpoint_dir=d, progress=False)
+    assert res.resumed_from == 1 and numbers(res.records) == numbers(full.records)
+    # A kill between a checkpoint and its copy leaves the copy an epoch behind: refreshed on resume.
+    import shutil
+    shutil.copy(tmp_path / "a" / PREV_NAME, d / PREV_NAME)
+    prev = torch.load(d / PREV_NAME, weights_only=True)["epoch"]
+    import fastweedout.checkpoint as C
+    state = C.load(d, torch.load(d / CHECKPOINT_NAME, weights_only=True)["identity"], None)
+    assert state["epoch"] == 2 and torch.load(d / PREV_NAME, weights_only=True)["epoch"] == 2 and prev == 2
+    C.finish(d)
+    assert not os.path.exists(d / PREV_NAME) and os.path.exists(d / CHECKPOINT_NAME)
+
+
+def test_max_steps_stops_mid_epoch():
+    data = tiny_data()
+    model = create_model("wrn_10_1", num_classes=10, in_channels=1)
+    res = train(model, None, data, TrainConfig(epochs=3, batch_size=64), max_steps=7, progress=False)
+    assert res.steps == 7 and not res.completed and [r.epoch for r in res.records] == [1]
+    assert res.phases["training"].images == 7 * 64
 
 
 def test_on_epoch_can_stop_early(tmp_path):
@@ -162,7 +197,7 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     def poisoned(logits, labels, label_smoothing=0.0, reduction="mean"):
         loss = real(logits, labels, label_smoothing, reduction)
-        if reduction == "mean":
+        if logits.requires_grad:  # a training step (evaluation runs without gradients)
             calls["n"] += 1
             if calls["n"] == steps + 2:  # the second step of epoch 2
                 return loss * float("nan")
@@ -171,8 +206,8 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "criterion", poisoned)
     with pytest.raises(TrainingDiverged, match="epoch 2") as e:
         train(model, None, data, cfg, checkpoint_dir=tmp_path, progress=False)
-    assert e.value.epoch == 2 and e.value.checkpoint == os.path.join(tmp_path, T.CHECKPOINT_NAME)
-    state = torch.load(e.value.checkpoint, weights_only=True)
+    assert e.value.epoch == 2 and e.value.checkpoint == str(tmp_path)
+    state = torch.load(os.path.join(tmp_path, CHECKPOINT_NAME), weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
