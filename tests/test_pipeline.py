@@ -1,4 +1,4 @@
-"""The search + train pipeline: skipping finished runs, resuming interrupted ones, the grid."""
+"""One run start to finish, and the grid: skipping finished runs, resuming interrupted ones, every arm."""
 
 import json
 import os
@@ -6,12 +6,13 @@ import os
 import pytest
 import torch
 
-import fastweedout.experiment as E
 import fastweedout.search as S
+import fastweedout.stages as E
 from fastweedout import runs
-from fastweedout.experiment import (DataConfig, ModelConfig, Runtime, SearchConfig, TrainingConfig, execute_run,
-                                    grid_configs, make_run_config)
-from fastweedout.training import CHECKPOINT_NAME
+from fastweedout.checkpoint import CHECKPOINT_NAME
+from fastweedout.config import DataConfig, ModelConfig, Runtime, SearchConfig, TrainConfig, make_run_config
+from fastweedout.grid import grid_configs, run_grid
+from fastweedout.pipeline import execute_run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,7 +30,7 @@ RT = Runtime(device="cpu", progress=False)
 def cfg(arm="weedout", sparsity=0.5, seed=0, epochs=3, **kw):
     return make_run_config(arm, sparsity, data=DATA, model=ModelConfig("wrn_10_1"), seed=seed,
                            search=SearchConfig(population=4, generations=3, batch_size=32),
-                           training=TrainingConfig(epochs=epochs, batch_size=64), **kw)
+                           training=TrainConfig(epochs=epochs, batch_size=64), **kw)
 
 
 def outputs(path):
@@ -149,7 +150,7 @@ def test_truncated_checkpoint_falls_back_to_the_last_good_copy(reference, tmp_pa
     with pytest.warns(RuntimeWarning) as caught:
         out = execute_run(cfg(), tmp_path, RT)
     messages = " | ".join(str(w.message) for w in caught)
-    assert "unreadable" in messages and "previous good checkpoint" in messages
+    assert "damaged" in messages and "copy of the last good checkpoint" in messages
     same(outputs(out.path), outputs(reference.path))
     assert any(n.startswith(CHECKPOINT_NAME + ".corrupt") for n in os.listdir(os.path.join(path, "train")))
 
@@ -187,20 +188,88 @@ def test_random_and_dense_arms(tmp_path):
 
 
 def test_grid_runs_dense_once_per_seed():
-    configs = grid_configs(data=DATA, model=ModelConfig(), search=SearchConfig(), training=TrainingConfig(epochs=1),
-                           sparsities=[0.0, 0.2, 0.4], arms=["weedout", "random"], seeds=[0, 1])
+    fixed = {"data.name": "synthetic", "training.epochs": 1}
+    configs = grid_configs({"sparsity": [0.0, 0.2, 0.4], "arm": ["weedout", "random"], "seed": [0, 1]}, fixed)
     assert len(configs) == 2 * (1 + 2 * 2)
     assert [c.arm for c in configs[:5]] == ["dense", "weedout", "random", "weedout", "random"]
     assert [c.seed for c in configs] == [0] * 5 + [1] * 5
     assert len({c.hash for c in configs}) == len(configs)
-    with pytest.raises(ValueError, match="unknown arm"):
-        grid_configs(data=DATA, model=ModelConfig(), search=SearchConfig(), training=TrainingConfig(epochs=1),
-                     arms=["dense"])
+    # any field is an axis; sub-configs of other arms are dropped, so duplicates collapse
+    pops = grid_configs({"sparsity": [0.5], "arm": ["weedout", "random"], "search.population": [10, 100]}, fixed)
+    assert sorted((c.arm, c.search.population if c.search else None) for c in pops) == [
+        ("random", None), ("weedout", 10), ("weedout", 100)]
+    with pytest.raises(ValueError, match="arm"):
+        grid_configs({"arm": ["lottery"]}, fixed)
+    with pytest.raises(ValueError, match="no values"):
+        grid_configs({"seed": []}, fixed)
 
 
 def test_config_checked_against_data_before_writing(tmp_path):
     bad = make_run_config("weedout", 0.5, data=DATA, model=ModelConfig(), search=SearchConfig(batch_size=500),
-                          training=TrainingConfig(epochs=1))
+                          training=TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="validation"):
-        E.run_grid([bad], tmp_path / "res", RT)
+        run_grid([bad], tmp_path / "res", RT)
     assert not os.path.exists(tmp_path / "res")  # not even created
+    huge = make_run_config("weedout", 0.5, data=DATA, model=ModelConfig(), search=SearchConfig(population=10**9),
+                           training=TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match="GiB"):
+        run_grid([huge], tmp_path / "res", RT)
+    assert not os.path.exists(tmp_path / "res")
+
+
+def test_finished_run_with_damaged_records_is_rebuilt_not_skipped(reference, tmp_path):
+    import shutil
+
+    path = os.path.join(tmp_path, os.path.basename(reference.path))
+    shutil.copytree(reference.path, path)
+    with open(os.path.join(path, "results.jsonl"), "w") as f:
+        f.write('{"type": "epo')  # damaged after the run had finished
+    calls = []
+    real = S.score_population
+    S.score_population = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        with pytest.warns(RuntimeWarning, match="damaged"):
+            out = execute_run(cfg(), tmp_path, RT)
+    finally:
+        S.score_population = real
+    assert not out.skipped and not calls  # rebuilt from mask.pt and the final checkpoint, nothing recomputed
+    same(outputs(out.path), outputs(reference.path))
+    assert any(n.startswith("results.jsonl.damaged-") for n in os.listdir(path))
+
+
+def test_pretrain_steps_and_rewind(tmp_path):
+    k = execute_run(cfg("random", epochs=1, pretrain_steps=3), tmp_path, RT)
+    r = execute_run(cfg("random", epochs=1, pretrain_steps=3, rewind=True), tmp_path, RT)
+    plain = execute_run(cfg("random", epochs=1), tmp_path, RT)
+    recs = runs.read_jsonl(os.path.join(k.path, "results.jsonl"))
+    pre = next(x for x in recs if x.get("phase") == "pretrain")
+    assert pre["steps"] == 3 and pre["flops"] > 0 and os.path.exists(os.path.join(k.path, "parent.pt"))
+    # the same mask (same seed), but chosen on and trained from other weights
+    same_mask = torch.load(os.path.join(k.path, "mask.pt"), weights_only=True)["masks"]
+    plain_mask = torch.load(os.path.join(plain.path, "mask.pt"), weights_only=True)["masks"]
+    assert all(torch.equal(same_mask[n], plain_mask[n]) for n in same_mask)
+    assert k.summary["init"] != plain.summary["init"]  # scored on the step-3 weights
+    assert r.summary["init"] == k.summary["init"]  # rewinding changes the training start, not the choice
+    assert k.summary["final"] != r.summary["final"] != plain.summary["final"]
+    # resumed: the parent is not trained again
+    assert execute_run(cfg("random", epochs=1, pretrain_steps=3), tmp_path, RT).skipped
+
+
+def test_throughout_arm(tmp_path):
+    from fastweedout.config import ThroughoutConfig
+
+    c = make_run_config("throughout", 0.5, data=DATA, model=ModelConfig("wrn_10_1"), seed=0,
+                        search=SearchConfig(population=3, batch_size=32),
+                        throughout=ThroughoutConfig(interval=2, mask_every=1, finetune_epochs=1),
+                        training=TrainConfig(epochs=2, batch_size=64))
+    out = execute_run(c, tmp_path, RT)
+    recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+    pops = [x for x in recs if x["type"] == "population"]
+    assert [p["step"] for p in pops] == [2, 4, 6, 8]  # before steps 2, 4, 6 of 2 x 4, and once at the end
+    assert any(x["type"] == "finetune_epoch" for x in recs) and out.summary["final"]["epoch"] == 1
+    search = next(x for x in recs if x.get("phase") == "search")
+    assert search["flops"] > 0 and search["scorings"] == 4
+    mask = torch.load(os.path.join(out.path, "mask.pt"), weights_only=True)["masks"]
+    assert 0.45 < sum(int((~m).sum()) for m in mask.values()) / sum(m.numel() for m in mask.values()) < 0.55
+    again = execute_run(c, os.path.join(tmp_path, "again"), RT)  # deterministic
+    assert runs.strip_timing(again.summary["final"]) == runs.strip_timing(out.summary["final"])
