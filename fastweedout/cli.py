@@ -231,8 +231,14 @@ def _grid(args, rt: Runtime, configs, *, wait: bool = True) -> int:
 
 
 def cmd_run(args, rt: Runtime) -> int:
-    cfg = build_run_config(_config_values(args))
-    return _grid(args, rt, [cfg])
+    from .grid import run_grid
+
+    res = run_grid([build_run_config(_config_values(args))], rt.results, rt)
+    for _, err in res.failures:
+        print(f"{PROG} run: error: {' '.join(err.split())}", file=sys.stderr)
+        return 1
+    print(_final_line(res.outcomes[0]))
+    return 0
 
 
 def cmd_experiment(args, rt: Runtime) -> int:

@@ -271,11 +271,12 @@ def make_run_config(arm: str, sparsity: float, *, data: DataConfig | None = None
                     throughout: ThroughoutConfig | None = None,
                     training: TrainConfig | None = TrainConfig()) -> RunConfig:
     """A normalised config, so that equal experiments hash alike: sparsity 0 is the dense network
-    whatever the arm; each sub-config is kept only by the arms it applies to; rewind only with K > 0."""
+    whatever the arm; each sub-config is kept only by the arms it applies to (the throughout arm
+    trains from the start: it drops pretrain_steps)."""
     if arm not in GRID_ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose one of {list(GRID_ARMS)}")
     base = dict(data=data or DataConfig(), model=model or ModelConfig(), seed=seed, training=training,
-                pretrain_steps=pretrain_steps, rewind=bool(rewind and pretrain_steps))
+                pretrain_steps=pretrain_steps, rewind=rewind)
     if sparsity == 0 or arm == "dense":
         if sparsity != 0:
             raise ValueError("the dense arm has sparsity 0")

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -119,7 +118,9 @@ BAD = {
     "sparsity nan": ["run", *TINY, "--sparsity", "nan"],
     "sparsity text": ["run", *TINY, "--sparsity", "half"],
     "sparsities out of range": ["experiment", *TINY, "--sparsities", "0,0.5,1.2"],
-    "unknown arm in grid": ["experiment", *TINY, "--arms", "weedout,dense"],
+    "unknown arm in grid": ["experiment", *TINY, "--arms", "weedout,lottery"],
+    "rewind without pretraining": ["run", *TINY, "--rewind"],
+    "weight granularity with a pruning method": ["run", *TINY, "--arm", "snip", "--granularity", "weight"],
     "bad seeds": ["experiment", *TINY, "--seeds", "a,b"],
     "epochs 0": ["run", *TINY, "--epochs", "0"],
     "population 0": ["run", *TINY, "--population", "0"],
@@ -175,16 +176,42 @@ def test_tampered_results_dir_exits_2(tmp_path, capsys):
     assert snapshot(res) == before
 
 
-def test_bench_delegates_or_says_it_is_missing(monkeypatch, capsys):
+def test_every_config_field_is_a_flag_declared_once():
+    """The CLI is generated from the config dataclasses: every field with a flag appears on `run`
+    (and as a list on `experiment`), its default is the field's default, and no flag is duplicated."""
+    import argparse
+    import dataclasses
+
+    from fastweedout import flags
+    from fastweedout.cli import build_parser
+    from fastweedout.config import SECTIONS, RunConfig, Runtime
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    run = {a.dest: a for a in sub.choices["run"]._actions}
     seen = []
-    fake = types.ModuleType("fastweedout.bench.cli")
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "fastweedout.bench.cli", fake)
-    assert main(["bench", "--quick", "x"]) == 0 and seen == [["--quick", "x"]]
-    monkeypatch.setitem(sys.modules, "fastweedout.bench.cli", None)  # import fails as if absent
-    rc = main(["bench"])
+    for prefix, cls in [("", RunConfig), ("runtime.", Runtime)] + [(k + ".", c) for k, c in SECTIONS.items()]:
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli"):
+                continue
+            act = run[prefix + f.name]
+            assert flags.flag_name(f) in act.option_strings and act.default == f.default, f.name
+            seen.append(flags.flag_name(f))
+    assert len(seen) == len(set(seen)) > 40
+
+
+@pytest.mark.parametrize("argv", [["--sparsities", "0.2,,0.4"], ["--seeds", "0,,1"], ["--arms", "weedout,"],
+                                  ["--populations", ","], ["--seeds", "4-2"]])
+def test_empty_or_bad_list_items_exit_2(argv, tmp_path, capsys):
+    assert main(["experiment", *TINY, *argv, "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert rc == 2 and "not installed" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "error" in err and not os.path.exists(tmp_path / "r")
+
+
+def test_a_population_that_cannot_fit_exits_2_before_writing(tmp_path, capsys):
+    res = tmp_path / "r"
+    assert main(["run", *DATA, "--population", "1000000000", *TRAIN, "--results", str(res)]) == 2
+    err = capsys.readouterr().err
+    assert "GiB" in err and len(err.strip().splitlines()) == 1 and not os.path.exists(res)
 
 
 def test_search_strategy_flag(tmp_path, capsys):

@@ -97,7 +97,9 @@ def test_structural_fields_change_the_hash():
     assert RunConfig.from_dict({**w.to_dict(), "training": None}).hash != w.hash  # search-only run
     k = make_run_config("weedout", 0.5, pretrain_steps=10, **kw)
     kr = make_run_config("weedout", 0.5, pretrain_steps=10, rewind=True, **kw)
-    assert len({k.hash, kr.hash, w.hash}) == 3 and not make_run_config("weedout", 0.5, rewind=True, **kw).rewind
+    assert len({k.hash, kr.hash, w.hash}) == 3
+    with pytest.raises(ValueError, match="rewind needs"):
+        make_run_config("weedout", 0.5, rewind=True, **kw)
     snip = make_run_config("snip", 0.5, search=SearchConfig(population=7), **kw)
     assert snip.search is None and snip.prune is not None  # only the arm's own sub-config is kept
     assert make_run_config("throughout", 0.5, pretrain_steps=5, **kw).pretrain_steps == 0
