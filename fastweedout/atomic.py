@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -37,17 +36,27 @@ def _default_mode(path: str, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+def write_all(fd: int, data) -> None:
+    """Write every byte of ``data`` to ``fd`` and fsync it (the data must be on disk before the rename
+    makes it visible). Every file of a run is written here, so a full disk is always an OSError."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    os.fsync(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data) -> None:
+    """Write ``data`` (bytes-like) to a temporary file beside ``path``, fsync it, rename it over ``path``."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     try:
-        _default_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        try:
+            _default_mode(tmp)
+            write_all(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -100,10 +109,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    dst = os.fspath(dst)
-    with atomic_output(dst) as tmp:
-        shutil.copyfile(src, tmp)
+    with open(src, "rb") as f:
+        atomic_write_bytes(dst, f.read())
 
 
-__all__ = ["atomic_copy", "atomic_output", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json",
+__all__ = ["write_all", "atomic_copy", "atomic_output", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json",
            "atomic_write_text"]

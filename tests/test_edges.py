@@ -11,8 +11,9 @@ import warnings
 import pytest
 import torch
 
-import fastweedout.experiment as E
-from fastweedout import Masks, runs
+import fastweedout.pipeline as P
+import fastweedout.stages as E
+from fastweedout import Masks, atomic, checkpoint, runs
 from fastweedout.cli import main
 
 T = __import__("importlib").import_module("fastweedout.training")
@@ -122,6 +123,38 @@ def test_disk_full_in_the_middle_of_a_run_corrupts_nothing(tmp_path, monkeypatch
     assert sorted(got, key=key) == sorted(want, key=key)
 
 
+@pytest.mark.parametrize("budget", [0, 700, 3_000, 12_000, 30_000, 60_000, 150_000, 250_000, 400_000])
+def test_disk_full_at_any_size_exits_2_and_resumes(tmp_path, monkeypatch, capsys, budget):
+    """Every file of a run goes through one writer; the disk fills up after `budget` bytes (wherever that
+    falls: a config, a search checkpoint, a mask, records, a training checkpoint): exit 2, one line, nothing
+    torn, and the same command resumes once there is space again."""
+    res = tmp_path / "res"
+    res.mkdir()
+    real = atomic.write_all
+    left = [budget]
+
+    def write_all(fd, data):
+        n = len(memoryview(data).cast("B"))
+        if n > left[0]:
+            os.write(fd, bytes(memoryview(data).cast("B")[:left[0]]))
+            left[0] = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        left[0] -= n
+        return real(fd, data)
+
+    monkeypatch.setattr(atomic, "write_all", write_all)
+    rc = main(["run", *TINY, "--arm", "weedout", "--results", str(res)])
+    monkeypatch.setattr(atomic, "write_all", real)
+    if rc == 0:  # the budget was enough for the whole run
+        assert budget >= 150_000
+        return
+    assert rc == 2
+    one_error_line(capsys, "disk full")
+    finished_state(res)
+    assert main(["run", *TINY, "--arm", "weedout", "--results", str(res)]) == 0
+    capsys.readouterr()
+
+
 # ------------------------------------------------------------------------------------ masks and checkpoints
 class Killed(BaseException):
     """Stands in for a kill: not an Exception, so nothing on the way catches it."""
@@ -176,9 +209,9 @@ def test_checkpoint_of_another_run_exits_2_and_is_kept(searched, tmp_path, monke
     monkeypatch.setattr(E, "train", real)
     capsys.readouterr()
     (given,) = [n for n in os.listdir(res) if n != dense and not n.startswith(".")]
-    ck = res / given / runs.TRAIN_DIR / T.CHECKPOINT_NAME
-    shutil.copyfile(res / dense / runs.TRAIN_DIR / T.CHECKPOINT_NAME, ck)  # someone copies in another run's
-    os.remove(res / given / runs.TRAIN_DIR / E.PREV_CHECKPOINT)
+    ck = res / given / runs.TRAIN_DIR / checkpoint.CHECKPOINT_NAME
+    shutil.copyfile(res / dense / runs.TRAIN_DIR / checkpoint.CHECKPOINT_NAME, ck)  # someone copies in another run's
+    os.remove(res / given / runs.TRAIN_DIR / checkpoint.PREV_NAME)
     before = snapshot(res)
     assert main(["train", *DATA, *TRAIN, "--mask", str(searched / "m.pt"), "--results", str(res)]) == 2
     one_error_line(capsys, "belongs to a different training run")
@@ -201,7 +234,7 @@ def _nan_head(columns):
 
 
 def test_nan_fitness_members_get_minus_inf_with_a_warning(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(E, "build_model", _nan_head([0]))
+    monkeypatch.setattr(P, "build_model", _nan_head([0]))
     res = tmp_path / "res"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -217,7 +250,7 @@ def test_nan_fitness_members_get_minus_inf_with_a_warning(tmp_path, monkeypatch,
 
 
 def test_all_nan_fitness_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(E, "build_model", _nan_head(slice(None)))
+    monkeypatch.setattr(P, "build_model", _nan_head(slice(None)))
     res = tmp_path / "res"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -231,7 +264,7 @@ def test_nan_loss_in_training_exits_1_and_keeps_the_last_good_checkpoint(tmp_pat
 
     def criterion(logits, labels, label_smoothing=0.0, reduction="mean"):
         loss = real(logits, labels, label_smoothing, reduction)
-        if reduction == "mean":  # training steps (evaluation sums)
+        if logits.requires_grad:  # training steps (evaluation runs without gradients)
             steps[0] += 1
             if steps[0] > 2:  # 2 steps per epoch: epoch 2 diverges
                 return loss * float("nan")
@@ -243,7 +276,7 @@ def test_nan_loss_in_training_exits_1_and_keeps_the_last_good_checkpoint(tmp_pat
     line = one_error_line(capsys, "training diverged", "last good checkpoint (epoch 1)")
     assert "nan" in line
     (d,) = [n for n in os.listdir(res) if not n.startswith(".")]
-    ck = torch.load(res / d / runs.TRAIN_DIR / T.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    ck = torch.load(res / d / runs.TRAIN_DIR / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and not os.path.exists(res / d / runs.DONE_NAME)
     recs = runs.read_jsonl(res / d / runs.RESULTS_NAME)
     assert any(r["type"] == "error" and "diverged" in r["error"] for r in recs)
@@ -259,3 +292,37 @@ def test_chunk_size_is_reported(tmp_path, capsys):
     (search,) = [r for r in runs.read_jsonl(res / d / runs.RESULTS_NAME) if r.get("phase") == "search"]
     assert search["chunk_size"] == 3
     assert json.load(open(res / d / runs.DONE_NAME))["search"]["chunk_size"] == 3
+
+
+def test_nan_images_are_bad_input_not_bad_members():
+    import fastweedout as fw
+
+    m = fw.WideResNet(10, 1, num_classes=4, in_channels=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    x[3, 0, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fw.score_population(m, fw.sample_masks(m, 3, 0.5), x, y)
+
+
+def test_two_experiment_processes_share_a_grid(tmp_path):
+    """The second process skips the run the first one holds, takes the others, then waits for the busy
+    one to finish: every run is done exactly once and both exit 0."""
+    import subprocess
+    import sys
+    import time
+
+    res = tmp_path / "res"
+    argv = [sys.executable, "-m", "fastweedout.cli", "experiment", *TINY, "--sparsities", "0,0.5", "--arms",
+            "random", "--seeds", "0,1", "--threads", "1", "--results", str(res)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    a = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)
+    b = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out_a, err_a = a.communicate(timeout=300)
+    out_b, err_b = b.communicate(timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    ran = [int(o.split(" ran,")[0].split()[-1]) for o in (out_a.splitlines()[-1], out_b.splitlines()[-1])]
+    assert sum(ran) == 4  # each run ran once, in one of the two processes
+    dirs = [d for d in os.listdir(res) if not d.startswith(".")]
+    assert len(dirs) == 4 and all(os.path.exists(res / d / runs.DONE_NAME) for d in dirs)
+    assert not [d for d in dirs if os.path.exists(res / d / ".lock") or os.path.exists(res / d / ".claim")]
