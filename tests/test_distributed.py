@@ -21,9 +21,12 @@ import torch
 import torch.multiprocessing as mp
 
 import fastweedout as fw
-import fastweedout.distributed as D
-from fastweedout.data import DeviceLoader, load_dataset
-from fastweedout.training import TrainConfig, criterion, make_optimizer, make_scheduler, train
+import fastweedout.claims as D
+import fastweedout.world as W
+from fastweedout.config import TrainConfig
+from fastweedout.datasets import load_dataset
+from fastweedout.loader import DeviceLoader
+from fastweedout.training import criterion, lr_factor, make_optimizer, train
 
 WORLD = 2
 TIMEOUT_S = 60
@@ -74,13 +77,13 @@ def _one_thread():
 def test_shard_range_partitions():
     for n in (0, 1, 2, 5, 16, 17):
         for w in (1, 2, 3, 8):
-            parts = [D.shard_range(n, r, w) for r in range(w)]
+            parts = [W.shard_range(n, r, w) for r in range(w)]
             assert parts[0][0] == 0 and parts[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             sizes = [b - a for a, b in parts]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
-        D.shard_range(4, 2, 2)
+        W.shard_range(4, 2, 2)
 
 
 def test_order_for_rank_covers_the_grid_and_starts_with_own_share():
@@ -99,14 +102,17 @@ def test_order_for_rank_covers_the_grid_and_starts_with_own_share():
 def test_world_and_distributed_argument_without_a_process_group(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert D.world() == (0, 1) and not D.is_distributed()
+    assert W.env_world() == (0, 1) and not W.is_distributed() and W.World.current() == W.World()
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert D.world() == (3, 4)
+    assert W.env_world() == (3, 4)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert D.world() == (1, 2)  # torchrun's variables win over Slurm's
-    assert D.use_distributed(None) is False and D.use_distributed(False) is False
+    assert W.env_world() == (1, 2)  # torchrun's variables win over Slurm's
+    assert W.use_distributed(None) is False and W.use_distributed(False) is False
+    one = W.World()
+    t = torch.ones(3)
+    assert one.shard(5) == (0, 5) and one.all_reduce_(t) is t and one.broadcast_object(7) == 7
     m = fw.WideResNet(10, 1, num_classes=4)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     masks = fw.sample_masks(m, 3, 0.5, generator=0)
@@ -116,11 +122,12 @@ def test_world_and_distributed_argument_without_a_process_group(monkeypatch):
         fw.score_population(m, masks, x, y, distributed="yes")
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="not in"):
-        D.world()
+        W.env_world()
 
 
 def test_done_marker_name_matches_run_directories():
-    runs = pytest.importorskip("fastweedout.runs")
+    from fastweedout import runs
+
     assert D.DONE_NAME == runs.DONE_NAME
     assert D.CLAIM_NAME != getattr(runs, "LOCK_NAME", None)
 
@@ -195,7 +202,8 @@ def _scoring_setup(population=7):
     return m, masks, x, y
 
 
-SEARCH = dict(population=5, generations=3, sparsity=0.5, batch_size=12, seed=7)
+SEARCH = dict(config=fw.SearchConfig(population=5, generations=3, batch_size=12, engine="compact"), sparsity=0.5,
+              seed=7)
 
 
 def _scoring_worker(rank):
@@ -206,7 +214,7 @@ def _scoring_worker(rank):
     out["auto"], out["info"] = fw.score_population(m, masks, x, y, return_info=True)
     out["accuracy"] = fw.score_population(m, masks, x, y, engine="compact", metric="accuracy")
     out["one_member"] = fw.score_population(m, masks.select(3), x, y, engine="loop")  # rank 1 scores nothing
-    r = fw.random_search(m, x, y, engine="compact", **SEARCH)
+    r = fw.random_search(m, x, y, **SEARCH)
     out["search"] = (dict(r.winner.items()), r.fitness, r.elite_index)
     try:  # the ranks disagree about the batch: every rank gets an error, none hangs
         fw.score_population(m, masks, x, y if rank == 0 else y.roll(1), engine="loop")
@@ -232,7 +240,7 @@ def test_sharded_scoring_and_search_equal_single_process(tmp_path):
         assert torch.equal(o["accuracy"], fw.score_population(m, masks, x, y, engine="compact", metric="accuracy"))
         assert torch.equal(o["one_member"], fw.score_population(m, masks.select(3), x, y, engine="loop"))
         assert o["mismatch"] is not None and "checksums differ" in o["mismatch"]
-    r = fw.random_search(m, x, y, engine="compact", **SEARCH)
+    r = fw.random_search(m, x, y, **SEARCH)
     for o in outs:
         winner, fitness, elite = o["search"]
         assert fw.Masks(winner) == r.winner
@@ -250,7 +258,7 @@ def _train_setup():
     model = fw.WideResNet(10, 1, num_classes=4, in_channels=1)
     model.reset_parameters(torch.Generator().manual_seed(0))
     mask = fw.sample_masks(model, 1, 0.5, generator=3)
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, device="cpu", compile=False, amp=False, eval_batch_size=7,
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, compile=False, amp=False, eval_batch_size=7,
                       channels_last=False)
     return model, mask, cfg
 
@@ -264,17 +272,20 @@ def _ddp_worker(rank, ckpt_root):
     data = _tiny_data()
     out = {}
     steps = []
-    res = D.train_ddp(model, mask, data, cfg, bn="sync", on_step=lambda s, loss: steps.append(loss))
+    res = train(model, mask, data, cfg, device="cpu", ddp_bn="sync", on_step=lambda s, loss: steps.append(loss),
+                progress=False)
     out["sync"] = (_records(res), res.model.state_dict(), steps)
     assert all(type(mod) is torch.nn.BatchNorm2d for mod in res.model.modules()
                if isinstance(mod, torch.nn.BatchNorm2d))
     steps = []
-    res = D.train_ddp(model, mask, data, cfg, bn="local", on_step=lambda s, loss: steps.append(loss))
+    res = train(model, mask, data, cfg, device="cpu", ddp_bn="local", on_step=lambda s, loss: steps.append(loss),
+                progress=False)
     out["local"] = (_records(res), res.model.state_dict(), steps)
     # interrupted after epoch 1 (on_epoch says stop), then resumed from the checkpoint
     ck = os.path.join(ckpt_root, "ckpt")
-    first = D.train_ddp(model, mask, data, cfg, bn="local", checkpoint_dir=ck, on_epoch=lambda r: r.epoch == 1)
-    again = D.train_ddp(model, mask, data, cfg, bn="local", checkpoint_dir=ck)
+    first = train(model, mask, data, cfg, device="cpu", checkpoint_dir=ck, on_epoch=lambda r: r.epoch == 1,
+                  progress=False)
+    again = train(model, mask, data, cfg, device="cpu", checkpoint_dir=ck, progress=False)
     out["resume"] = (len(first.records), first.completed, again.resumed_from, _records(again),
                      again.model.state_dict())
     return out
@@ -285,9 +296,9 @@ def _ghost_bn_reference(model, mask, data, cfg, world):
     net = model.prune(mask.member(0))
     net.train()
     loader = DeviceLoader(data.train, cfg.batch_size, mean=data.mean, std=data.std, shuffle=True,
-                          augment=data.augment, drop_last=cfg.drop_last, seed=cfg.seed)
+                          augment=data.augment, drop_last=cfg.drop_last, seed=0)
     opt = make_optimizer(net, cfg)
-    sched = make_scheduler(opt, cfg, len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, len(loader)))
     losses = []
     for _ in range(cfg.epochs):
         for x, y in loader:
@@ -295,7 +306,7 @@ def _ghost_bn_reference(model, mask, data, cfg, world):
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for r in range(world):
-                lo, hi = D.shard_range(b, r, world)
+                lo, hi = W.shard_range(b, r, world)
                 s = criterion(net(x[lo:hi]), y[lo:hi], cfg.label_smoothing, reduction="sum")
                 (s / b).backward()
                 total += float(s.detach())
@@ -315,7 +326,7 @@ def test_ddp_training_matches_single_process(tmp_path):
     model, mask, cfg = _train_setup()
     data = _tiny_data()
     # bn="sync": the statistics of the whole global batch -> single-process training with that batch
-    ref = train(model, mask, data, cfg, progress=False)
+    ref = train(model, mask, data, cfg, device="cpu", progress=False)
     ref_state = ref.model.state_dict()
     for o in outs:
         recs, state, steps = o["sync"]
@@ -344,22 +355,25 @@ def test_ddp_training_matches_single_process(tmp_path):
         _close_states(state, o["local"][1], tol=1e-6)
 
 
-def test_train_ddp_validates():
+def test_train_validates_its_distributed_arguments():
     model, mask, cfg = _train_setup()
     data = _tiny_data()
-    with pytest.raises(ValueError, match="bn must be"):
-        D.train_ddp(model, mask, data, cfg, bn="global")
+    with pytest.raises(ValueError, match="ddp_bn must be"):
+        train(model, mask, data, cfg, ddp_bn="global")
     with pytest.raises(TypeError):
-        D.train_ddp(torch.nn.Linear(2, 2), mask, data, cfg)
+        train(torch.nn.Linear(2, 2), mask, data, cfg)
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        train(model, mask, data, TrainConfig(epochs=1, batch_size=15), world=W.World(0, 2))
 
 
 # ------------------------------------------------------------------------------------ the grid over ranks
 GRID_WORKER = textwrap.dedent("""
     import json, os, sys, time
-    import fastweedout.distributed as D
+    import fastweedout.claims as D
+    from fastweedout.world import env_world
 
     root, n, hang = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    rank, world = D.world()
+    rank, world = env_world()
     # start together (a file barrier), so that both ranks take part
     open(os.path.join(root, f"ready{rank}"), "w").close()
     while not all(os.path.exists(os.path.join(root, f"ready{r}")) for r in range(world)):
@@ -381,9 +395,14 @@ GRID_WORKER = textwrap.dedent("""
     runs = [os.path.join(root, f"run{i:02d}") for i in range(n)]
     for d in runs:
         os.makedirs(d, exist_ok=True)
-    out = D.run_grid(range(n), lambda i: runs[i], run)
+    ran = []
+    for i in D.grid_for_rank(list(range(n))):  # own share first, then steal
+        with D.claimed(runs[i]) as mine:
+            if mine:
+                run(i, runs[i])
+                ran.append(i)
     with open(os.path.join(root, f"ran{rank}.{os.getpid()}.json"), "w") as f:
-        json.dump(out["ran"], f)
+        json.dump(ran, f)
 """)
 
 
@@ -462,20 +481,8 @@ def test_killed_rank_runs_are_finished_by_a_rerun(tmp_path):
     assert not list(root.glob(f"run*/{D.CLAIM_NAME}"))
 
 
-def _experiment_uses_claims() -> bool:
-    import inspect
-
-    try:
-        import fastweedout.experiment as E
-    except ImportError:
-        return False
-    return "distributed" in inspect.getsource(E.run_grid)
-
-
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun on PATH")
 def test_experiment_grid_under_torchrun(tmp_path):
-    if not _experiment_uses_claims():
-        pytest.skip("fastweedout.experiment.run_grid is not wired to fastweedout.distributed")
     import re
 
     res = tmp_path / "results"
