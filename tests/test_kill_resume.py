@@ -40,7 +40,7 @@ import torch
 torch.set_num_threads(1)
 torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # pays torch._dynamo's lazy import once, here
 import fastweedout.cli as C
-import fastweedout.experiment, fastweedout.training, fastweedout.search, fastweedout.scoring, fastweedout.report
+import fastweedout.pipeline, fastweedout.grid, fastweedout.training, fastweedout.search, fastweedout.scoring, fastweedout.report
 slow = float(sys.argv[1])
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
