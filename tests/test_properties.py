@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fastweedout.experiment as E
+import fastweedout.grid as E
 from fastweedout import Masks, create_model, sample_masks, score_population
 from fastweedout.cli import main
 
@@ -72,7 +72,9 @@ SMALL = {  # flag -> values; the valid ones are tiny, so a valid example finishe
     "--sparsities": st.one_of(st.lists(floats01(), min_size=0, max_size=3).map(",".join), NASTY),
     "--seeds": st.sampled_from(["0", "0,1", "0-1", "1-0", "-1", "a", "", "0-99999", "0,,0"]),
     "--arms": st.sampled_from(["weedout", "random", "weedout,random", "dense", "", "weedout,,random"]),
-    "--arm": st.sampled_from(["weedout", "random", "dense", "lottery"]),
+    "--arm": st.sampled_from(["weedout", "random", "dense", "lottery", "snip", "throughout", "given"]),
+    "--granularity": st.sampled_from(["node", "weight", "channel", ""]),
+    "--pretrain-steps": ints(0, 3), "--rewind": st.just(None), "--member-steps": ints(0, 2),
     "--frobnicate": st.just("1"), "--deterministic": st.just(None), "--masked-training": st.just(None),
 }
 COMMON = ["--dataset", "synthetic", "--train-subset", "64", "--val-size", "32", "--no-progress", "--device", "cpu",
@@ -86,7 +88,8 @@ PER_COMMAND = {
               "--train-subset", "--dropout", "--model", "--dataset", "--device", "--masked-training", "--frobnicate",
               "--population", "--threads", "--deterministic"],
     "run": ["--arm", "--sparsity", "--population", "--epochs", "--seed", "--mode", "--lr", "--search-batch",
-            "--model", "--dataset", "--frobnicate", "--threads"],
+            "--model", "--dataset", "--frobnicate", "--threads", "--granularity", "--pretrain-steps", "--rewind",
+            "--member-steps"],
     "experiment": ["--sparsities", "--seeds", "--arms", "--population", "--generations", "--epochs", "--mode",
                    "--search-batch", "--model", "--frobnicate", "--sparsity"],
     "demo": ["--sparsity", "--population", "--generations", "--search-batch", "--epochs", "--seed", "--model",
