@@ -26,3 +26,27 @@ def batch(model: fw.WideResNet, n: int = 6, h: int = 12, w: int = 10, seed: int 
 
 def state_snapshot(model: nn.Module):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.training
+
+
+# The command line on tiny settings (the synthetic set, CPU): shared by the CLI tests.
+CLI_DATA = ["--dataset", "synthetic", "--train-subset", "128", "--no-progress", "--device", "cpu"]
+CLI_SEARCH = ["--population", "4", "--generations", "2", "--search-batch", "32"]
+
+
+def snapshot(path) -> dict:
+    """Every file under path and its bytes: to prove that nothing was written or overwritten."""
+    import os
+
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[p] = fh.read()
+    return out
+
+
+def run_dirs(results) -> list:
+    import os
+
+    return sorted(d for d in os.listdir(results) if not d.startswith("."))

@@ -3,40 +3,18 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-import torch
 
 from fastweedout import runs
 from fastweedout.cli import main
+from helpers import CLI_DATA, CLI_SEARCH, run_dirs, snapshot  # noqa: F401
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-DATA = ["--dataset", "synthetic", "--train-subset", "128", "--no-progress", "--device", "cpu"]
-SEARCH = ["--population", "4", "--generations", "2", "--search-batch", "32"]
+DATA, SEARCH = CLI_DATA, CLI_SEARCH
 TRAIN = ["--batch-size", "64", "--epochs", "1"]
 TINY = DATA + SEARCH + TRAIN  # run and experiment take all three
 
 
-def run_dirs(results):
-    return sorted(d for d in os.listdir(results) if not d.startswith("."))
-
-
-def snapshot(path):
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            out[p] = open(p, "rb").read()
-    return out
 
 
 def test_search_train_run_experiment_report(tmp_path, capsys):

@@ -10,20 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from fastweedout import datasets as D
-from fastweedout.datasets import (DatasetError, Split, SyntheticConfig, holdout, load_dataset, read_idx,
-                                  write_idx)
+from fastweedout.datasets import DatasetError, Split, SyntheticConfig, holdout, load_dataset, read_idx, write_idx
 from fastweedout.loader import DeviceLoader, crop_flip
 
 IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from threads, and a busy shared CPU makes OpenMP spin-waits very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -65,13 +65,6 @@ def launch(fn, tmp, *args, world=WORLD, timeout=TIMEOUT_S):
     return [torch.load(os.path.join(tmp, f"out{r}.pt"), weights_only=False) for r in range(world)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------ helpers (no processes)
 def test_shard_range_partitions():

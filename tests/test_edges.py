@@ -15,30 +15,15 @@ import fastweedout.pipeline as P
 import fastweedout.stages as E
 from fastweedout import Masks, atomic, checkpoint, runs
 from fastweedout.cli import main
+from helpers import CLI_DATA, CLI_SEARCH, run_dirs, snapshot  # noqa: F401
 
 T = __import__("importlib").import_module("fastweedout.training")
 
-DATA = ["--dataset", "synthetic", "--train-subset", "128", "--no-progress", "--device", "cpu"]
-SEARCH = ["--population", "4", "--generations", "2", "--search-batch", "32"]
+DATA, SEARCH = CLI_DATA, CLI_SEARCH
 TRAIN = ["--batch-size", "64", "--epochs", "2"]
 TINY = DATA + SEARCH + TRAIN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def snapshot(path):
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            out[p] = open(p, "rb").read()
-    return out
 
 
 def one_error_line(capsys, *needles):

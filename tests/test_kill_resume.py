@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 torch.set_num_threads(1)
 torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # pays torch._dynamo's lazy import once, here
 import fastweedout.cli as C
-import fastweedout.pipeline, fastweedout.grid, fastweedout.training, fastweedout.search, fastweedout.scoring, fastweedout.report
+import fastweedout.pipeline, fastweedout.grid, fastweedout.training, fastweedout.search, fastweedout.report
 slow = float(sys.argv[1])
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
@@ -149,7 +148,7 @@ def outputs(results) -> dict:
         out[d] = dict(records=sorted(runs.strip_timing(recs), key=lambda r: json.dumps(runs.record_key(r))),
                       mask={k: v.tolist() for k, v in mask.items()},
                       done=runs.strip_timing(done),
-                      weights={k: v for k, v in ck["model"].items()})
+                      weights=dict(ck["model"].items()))
     return out
 
 

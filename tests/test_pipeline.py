@@ -14,15 +14,6 @@ from fastweedout.config import DataConfig, ModelConfig, Runtime, SearchConfig, T
 from fastweedout.grid import grid_configs, run_grid
 from fastweedout.pipeline import execute_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 DATA = DataConfig("synthetic", val_size=64, synthetic=dict(train_size=320, test_size=96, image_size=12))
 RT = Runtime(device="cpu", progress=False)
 

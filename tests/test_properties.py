@@ -30,13 +30,6 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class _WouldRun(BaseException):
     """Raised where a valid `run`/`experiment`/`demo` would start its first run."""
@@ -217,7 +210,8 @@ def batches(draw):
 
 
 @SETTINGS
-@given(p=st.integers(1, 5), sparsity=st.floats(0, 0.9), masks_kind=st.sampled_from(["ok", "ok", "other", "dead", "dict"]),
+@given(p=st.integers(1, 5), sparsity=st.floats(0, 0.9),
+       masks_kind=st.sampled_from(["ok", "ok", "other", "dead", "dict"]),
        batch=batches(), engine=st.one_of(st.sampled_from(["auto", "loop", "folded", "compact"]), ANY),
        metric=st.one_of(st.sampled_from(["loss", "accuracy"]), ANY),
        bn=st.one_of(st.sampled_from(["batch", "running"]), ANY),

@@ -194,9 +194,8 @@ def test_lock_keeps_a_second_process_out(tmp_path):
     cfg = base_config()
     a = RunDir.open(tmp_path, cfg.name, cfg)
     b = RunDir.open(tmp_path, cfg.name, cfg)
-    with a:
-        with pytest.raises(RunError, match="another process"):
-            b.lock()
+    with a, pytest.raises(RunError, match="another process"):
+        b.lock()
     with b:  # released
         pass
 

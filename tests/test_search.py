@@ -152,7 +152,7 @@ def test_mutate_swaps_within_layers():
     m = fw.WideResNet(10, 2)
     parent = fw.sample_masks(m, 1, 0.5, generator=0)
     kids = mutate(parent, 4, 0.25, torch.Generator().manual_seed(0))
-    for k in parent.keys():
+    for k in parent:
         assert (kids[k].sum(1) == parent[k].sum()).all()
         diff = (kids[k] != parent[k]).sum(1)
         assert (diff > 0).all() and (diff % 2 == 0).all()
