@@ -36,6 +36,19 @@ def _default_mode(path: str, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+@contextlib.contextmanager
+def _renamed_over(tmp: str, path: str, directory: str) -> Iterator[None]:
+    """Rename ``tmp`` over ``path`` when the block succeeds (then sync the directory); remove it otherwise."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
 def write_all(fd: int, data) -> None:
     """Write every byte of ``data`` to ``fd`` and fsync it (the data must be on disk before the rename
     makes it visible). Every file of a run is written here, so a full disk is always an OSError."""
@@ -51,18 +64,12 @@ def atomic_write_bytes(path: str | os.PathLike, data) -> None:
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
+    with _renamed_over(tmp, path, d):
         try:
             _default_mode(tmp)
             write_all(fd, data)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -95,17 +102,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     base, ext = os.path.splitext(os.path.basename(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=d)
     os.close(fd)
-    try:
+    with _renamed_over(tmp, path, d):
         _default_mode(tmp)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -24,9 +24,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """Tiny shapes gain nothing from threads, and on a busy shared CPU OpenMP's spin-waits make them slow."""
+    """Tiny shapes gain nothing from threads, and on a busy shared CPU OpenMP's spin-waits make them slow.
+    Session-wide, so results computed by module fixtures and by tests match bitwise."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

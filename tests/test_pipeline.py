@@ -72,7 +72,8 @@ class Interrupt(BaseException):
     """Stands in for a kill: not an Exception, so nothing on the way catches it."""
 
 
-def test_interrupted_training_resumes_to_the_same_result(reference, tmp_path, monkeypatch):
+def killed_after_epoch_2(tmp_path, monkeypatch):
+    """Start the reference run in tmp_path and kill it right after its second epoch's record."""
     real_train = E.train
 
     def train_then_die(*a, on_epoch=None, **k):
@@ -85,10 +86,14 @@ def test_interrupted_training_resumes_to_the_same_result(reference, tmp_path, mo
     monkeypatch.setattr(E, "train", train_then_die)
     with pytest.raises(Interrupt):
         execute_run(cfg(), tmp_path, RT)
+    monkeypatch.setattr(E, "train", real_train)
+
+
+def test_interrupted_training_resumes_to_the_same_result(reference, tmp_path, monkeypatch):
+    killed_after_epoch_2(tmp_path, monkeypatch)
     path = os.path.join(tmp_path, os.path.basename(reference.path))
     assert not os.path.exists(os.path.join(path, "done"))
     assert [r["epoch"] for r in runs.read_jsonl(os.path.join(path, "results.jsonl")) if r["type"] == "epoch"] == [1, 2]
-    monkeypatch.setattr(E, "train", real_train)
     calls = []
     monkeypatch.setattr(S, "score_population", lambda *a, **k: calls.append(1))  # the search must not run again
     out = execute_run(cfg(), tmp_path, RT)
@@ -120,19 +125,7 @@ def test_interrupted_search_resumes_from_its_last_generation(reference, tmp_path
 
 
 def test_truncated_checkpoint_falls_back_to_the_last_good_copy(reference, tmp_path, monkeypatch):
-    real_train = E.train
-
-    def train_then_die(*a, on_epoch=None, **k):
-        def hook(rec):
-            on_epoch(rec)
-            if rec.epoch == 2:
-                raise Interrupt
-        return real_train(*a, on_epoch=hook, **k)
-
-    monkeypatch.setattr(E, "train", train_then_die)
-    with pytest.raises(Interrupt):
-        execute_run(cfg(), tmp_path, RT)
-    monkeypatch.setattr(E, "train", real_train)
+    killed_after_epoch_2(tmp_path, monkeypatch)
     path = os.path.join(tmp_path, os.path.basename(reference.path))
     ck = os.path.join(path, "train", CHECKPOINT_NAME)
     data = open(ck, "rb").read()
