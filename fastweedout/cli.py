@@ -147,10 +147,12 @@ def cmd_search(args, rt: Runtime) -> int:
 
     vals = _config_values(args)
     if vals["arm"] not in ("weedout",) + PRUNE_METHODS:
-        raise UsageError(f"{PROG} search: error: --arm must be weedout or a pruning method ({', '.join(PRUNE_METHODS)})")
+        raise UsageError(f"{PROG} search: error: --arm must be weedout or a pruning method "
+                         f"({', '.join(PRUNE_METHODS)})")
     if vals["sparsity"] == 0:
         raise UsageError(f"{PROG} search: error: --sparsity must be > 0 (0 is the dense network: nothing to search)")
-    if args.out is not None and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out is not None else None
+    if args.out is not None and (os.path.isdir(args.out) or not os.path.isdir(out_dir)):
         raise UsageError(f"{PROG} search: error: --out {args.out} must be a file path in an existing directory")
     cfg = build_run_config({**vals, "training": None})
     data = prepare([cfg], rt.results, rt)[runs.canonical_json(cfg.data)]
@@ -291,7 +293,8 @@ def demo_table(outcomes) -> str:
         f, ph, init = s["final"], s["phases"], s["init"]
         loss = init["init_val_loss"]
         rows.append((s["arm"], f"{s['sparsity']:g}", f"{s['live_params']:,}", "n/a" if loss is None else f"{loss:.3f}",
-                     f"{100 * init['init_val_acc']:.1f}%", f"{100 * f['test_acc']:.2f}%", f"{100 * f['train_acc']:.2f}%",
+                     f"{100 * init['init_val_acc']:.1f}%", f"{100 * f['test_acc']:.2f}%",
+                     f"{100 * f['train_acc']:.2f}%",
                      f"{s['selection']['wall_s']:.1f}", f"{ph['training']['wall_s']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

@@ -354,6 +354,6 @@ class Runtime:
         return dev
 
 
-__all__ = ["SECTIONS", "build_run_config", "ARMS", "DataConfig", "ENGINES", "GRANULARITIES", "GRID_ARMS", "METRICS", "ModelConfig",
-           "PIPELINE_VERSION", "PRUNE_METHODS", "PruneConfig", "RunConfig", "Runtime", "SCHEDULES", "SEARCH_ARMS",
-           "STRATEGIES", "SearchConfig", "ThroughoutConfig", "TrainConfig", "make_run_config"]
+__all__ = ["ARMS", "DataConfig", "ENGINES", "GRANULARITIES", "GRID_ARMS", "METRICS", "ModelConfig", "PIPELINE_VERSION",
+           "PRUNE_METHODS", "PruneConfig", "RunConfig", "Runtime", "SCHEDULES", "SEARCH_ARMS", "SECTIONS", "STRATEGIES",
+           "SearchConfig", "ThroughoutConfig", "TrainConfig", "build_run_config", "make_run_config"]

@@ -85,9 +85,8 @@ def check_value(name: str, value: Any, typ: type | None, optional: bool, m: dict
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
-    elif typ is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
+    elif typ is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
     if m.get("choices") is not None and value not in m["choices"]:
         raise ValueError(f"{name} must be one of {list(m['choices'])}, got {value!r}")
     lo, hi = m.get("min"), m.get("max")

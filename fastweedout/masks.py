@@ -6,14 +6,13 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
 from .atomic import atomic_torch_save
 
-Sparsity = Union[float, Mapping[str, float], Sequence[float]]
+Sparsity = float | Mapping[str, float] | Sequence[float]
 MODES = ("layerwise", "global")
 
 

@@ -141,7 +141,8 @@ class WideResNet(nn.Module):
         batch statistics without touching the running buffers; ``"running"`` uses running statistics.
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected images [B, {self.in_channels}, H, W] ({self.in_channels} input channels), got {tuple(x.shape)}")
+            raise ValueError(f"expected images [B, {self.in_channels}, H, W] ({self.in_channels} input channels), "
+                             f"got {tuple(x.shape)}")
         if bn is not None and bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES} or None, got {bn!r}")
         if masks is not None:

@@ -290,9 +290,10 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str) -> list[str]:
     for r in comps:
         if r["experiment"] == exp:
             lines.append(f"- η={r['sparsity']:g}, {r['series']} − {r['control']}: {r['diff_init_val_loss']:+.3f} "
-                         f"validation loss before training (p {_p(r['p_init_val_loss'])}, Holm {_p(r['p_holm_init_val_loss'])}),"
-                         f" {100 * r['diff_test_acc']:+.2f} points of test accuracy after training (p {_p(r['p_test_acc'])},"
-                         f" Holm {_p(r['p_holm_test_acc'])}; {r['n_test_acc']} pairs)")
+                         f"validation loss before training (p {_p(r['p_init_val_loss'])}, "
+                         f"Holm {_p(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
+                         f"accuracy after training (p {_p(r['p_test_acc'])}, Holm {_p(r['p_holm_test_acc'])}; "
+                         f"{r['n_test_acc']} pairs)")
     return lines
 
 
@@ -304,8 +305,9 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
                + (f", {len(col.failed)} failed" if col.failed else "")
                + (f", {len(col.unreadable)} with unreadable records (skipped)" if col.unreadable else "")
                + (f", {len(col.search_only)} search-only" if col.search_only else "") + ".")
-    out += ["", f"Means over seeds with {100 * CONFIDENCE:g}% confidence intervals (Student t, n−1 degrees of freedom); "
-            "accuracies in percent. *train*: accuracy on the augmented training batches during the last epoch; "
+    out += ["", f"Means over seeds with {100 * CONFIDENCE:g}% confidence intervals (Student t, n−1 degrees of "
+            "freedom); accuracies in percent. *train*: accuracy on the augmented training batches during the last "
+            "epoch; "
             "*test*: the test set after it; *@init*: the chosen mask on held-out validation images before any training "
             "(images the search never saw). Comparisons: each method minus the random control of the same seed (same "
             "initial weights and data), paired t-test, two-sided, Holm-corrected over all comparisons of a metric. "
@@ -329,15 +331,17 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
                     "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
                     "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
-                out.append(f"| {r['sparsity']:g} | {r['series']} | {r['n_test_acc']} | {r['diff_init_val_loss']:+.4f} ± "
-                           f"{_num(r['ci_init_val_loss'], '.4f')} | {_p(r['p_init_val_loss'])} | "
+                out.append(f"| {r['sparsity']:g} | {r['series']} | {r['n_test_acc']} | "
+                           f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
+                           f"{_p(r['p_init_val_loss'])} | "
                            f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
                            f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
                            f"{_p(r['p_holm_test_acc'])} |")
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
-                    "| η | series | elite won (generations 2..G, mean over seeds) | best fitness by generation (mean) |",
+                    "| η | series | elite won (generations 2..G, mean over seeds) | best fitness by generation "
+                    "(mean) |",
                     "|---:|---|---:|---|"]
             for c in elite:
                 w = [r.elite_wins for r in c.runs if r.elite_wins is not None]
@@ -351,15 +355,16 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
         for c in mine:
             sel = c.phase_mean("search", "flops") + c.phase_mean("pretrain", "flops")
             sel_s = c.phase_mean("search", "wall_s") + c.phase_mean("pretrain", "wall_s")
-            out.append(f"| {c.sparsity:g} | {c.series} | {_num(sel / 1e9)} | {_num(c.phase_mean('training', 'flops') / 1e9)}"
-                       f" | {_pct(c.search_share('flops'))}% | {_num(sel_s, '.1f')} | "
+            out.append(f"| {c.sparsity:g} | {c.series} | {_num(sel / 1e9)} | "
+                       f"{_num(c.phase_mean('training', 'flops') / 1e9)} | {_pct(c.search_share('flops'))}% | "
+                       f"{_num(sel_s, '.1f')} | "
                        f"{_num(c.phase_mean('training', 'wall_s'), '.1f')} | {_pct(c.search_share('wall_s'))}% | "
                        f"{_num(c.phase_mean('evaluation', 'wall_s'), '.1f')} |")
         out.append("")
     if figures:
         out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    skipped = [(p, "incomplete") for p in col.incomplete] + [(p, "failed (see its results.jsonl)") for p in col.failed] \
-        + [(p, "unreadable records") for p in col.unreadable]
+    skipped = ([(p, "incomplete") for p in col.incomplete] + [(p, "failed (see its results.jsonl)") for p in col.failed]
+               + [(p, "unreadable records") for p in col.unreadable])
     if skipped:
         out += ["## Not included", ""] + [f"- {os.path.basename(p)}: {why}" for p, why in skipped] + [""]
     return "\n".join(out)

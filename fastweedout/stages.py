@@ -199,8 +199,8 @@ def pretrain(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, runti
                 return model, st["phase"]
         except Exception as e:  # noqa: BLE001 - a damaged file is recomputed
             checkpoint._set_aside(path, f"is unreadable ({e})")
-    res = train(model, None, data, cfg.training, seed=derive_seed(cfg.seed, "train"), device=str(model.stem.weight.device),
-                max_steps=cfg.pretrain_steps, progress=False)
+    res = train(model, None, data, cfg.training, seed=derive_seed(cfg.seed, "train"),
+                device=str(model.stem.weight.device), max_steps=cfg.pretrain_steps, progress=False)
     if res.steps < cfg.pretrain_steps:
         raise ValueError(f"pretrain_steps {cfg.pretrain_steps} exceed the {res.steps} steps of the training config")
     parent = res.model.to(model.stem.weight.device)
@@ -299,9 +299,9 @@ def train_run(rd: RunDir, cfg: RunConfig, model: WideResNet, mask, data: Dataset
         rd.upsert(dict(type=f"{prefix}epoch", **rec.to_dict()))
 
     try:
-        result = train(model, mask, data, training, seed=derive_seed(cfg.seed, "train"), device=runtime.resolved_device(),
-                       checkpoint_dir=ckpt_dir, on_epoch=on_epoch, progress=runtime.progress,
-                       granularity=cfg.granularity)
+        result = train(model, mask, data, training, seed=derive_seed(cfg.seed, "train"),
+                       device=runtime.resolved_device(), checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
+                       progress=runtime.progress, granularity=cfg.granularity)
     except TrainingDiverged as e:
         rd.upsert(dict(type="error", phase=phase, error=str(e)))
         raise

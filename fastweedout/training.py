@@ -16,12 +16,11 @@ same function of its seed as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,12 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .backend import MaskedBackend
 from .config import TrainConfig
 from .datasets import Dataset
-from .flops import forward_flops, train_step_flops
 from .loader import DeviceLoader
 from .model import WideResNet
+from .trained_net import MaskedNet, count_params, member_mask, prepare_network
 from .world import DDP_BN_MODES, GlobalBatchNorm2d, World, average_bn_buffers, local_rank, set_batchnorm
 
 STEP_MILESTONES = (0.3, 0.6, 0.8)  # fractions of the epochs (WRN: 60/120/160 of 200)
@@ -116,30 +114,6 @@ class TrainCallbacks:
         pass
 
 
-class MaskedNet(nn.Module):
-    """The full network under a node mask held in buffers (validated once; ``set_masks`` swaps it)."""
-
-    def __init__(self, net: WideResNet, mask: Mapping[str, Tensor]):
-        super().__init__()
-        self.net = net
-        fm = net.check_member_masks(mask)
-        for i, (k, v) in enumerate(fm.items()):
-            self.register_buffer(f"mask{i}", v)
-        self._names = list(fm)
-
-    def masks(self) -> dict[str, Tensor]:
-        return {k: getattr(self, f"mask{i}") for i, k in enumerate(self._names)}
-
-    @torch.no_grad()
-    def set_masks(self, mask: Mapping[str, Tensor]) -> None:
-        fm = self.net.check_member_masks(mask)
-        for i, k in enumerate(self._names):
-            getattr(self, f"mask{i}").copy_(fm[k])
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net.walk(MaskedBackend(self.masks(), None, self.training), x)
-
-
 def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     """SGD over every parameter (BN included, as in the WRN reference); the fused kernel on CUDA."""
     params = list(net.parameters())
@@ -162,64 +136,10 @@ def criterion(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, redu
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction=reduction)
 
 
-def member_mask(mask) -> dict[str, Tensor] | None:
-    """One member's mask as CPU bool tensors (a Masks of one member or a mapping); None stays None."""
-    if mask is None:
-        return None
-    if hasattr(mask, "population") and hasattr(mask, "member"):
-        if mask.population != 1:
-            raise ValueError(f"train takes one member's mask; got a population of {mask.population}")
-        mask = mask.member(0)
-    return {k: v.detach().to("cpu", torch.bool) for k, v in mask.items()}
-
-
 def data_fingerprint(data: Dataset) -> int:
     """A cheap checksum of the training split, so a checkpoint is never resumed on other data."""
     sample = data.train.images[::97].reshape(-1)[::7]
     return zlib.crc32(data.train.labels.cpu().numpy().tobytes()) ^ zlib.crc32(sample.cpu().numpy().tobytes())
-
-
-def count_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-def prepare_network(model: WideResNet, mask, masked: bool, device: torch.device, channels_last: bool,
-                    image_size, granularity: str = "node") -> tuple:
-    """The network actually trained, a copy (the caller's model stays as it was): the pruned network,
-    the full one under its mask (``masked``, or any weight-level mask), or the dense one. Returns
-    ``(net, run_net, forward FLOPs, train-step FLOPs, live forward FLOPs, live parameters)``, FLOPs per
-    image; ``run_net`` is what the forward calls (``net`` itself unless masked)."""
-    if granularity == "weight" and mask is not None:
-        from . import weights as W  # TODO(lead): top-level import once fastweedout.weights has landed
-
-        params = dict(model.named_parameters())
-        shaped = {k: v.reshape(params[k].shape) for k, v in mask.items()}
-        net = copy.deepcopy(model)
-        run_net = W.WeightMaskedNet(net, shaped)
-        net.train()
-        run_net.to(device)
-        if channels_last:
-            run_net.to(memory_format=torch.channels_last)
-        fl = W.weight_training_flops(model, shaped, image_size)
-        full = train_step_flops(net, image_size)
-        live_params = count_params(net) - sum(int((~v).sum()) for v in shaped.values())
-        return net, run_net, forward_flops(net, image_size), full, fl["useful"] // 3, live_params
-    if mask is None:
-        net = copy.deepcopy(model)
-        live = run_net = net
-    elif masked:
-        net = copy.deepcopy(model)
-        run_net = MaskedNet(net, mask)
-        live = model.prune(mask)
-    else:
-        net = model.prune(mask)
-        live = run_net = net
-    net.train()
-    run_net.to(device)
-    if channels_last:
-        run_net.to(memory_format=torch.channels_last)
-    return (net, run_net, forward_flops(net, image_size), train_step_flops(net, image_size),
-            forward_flops(live, image_size), count_params(live))
 
 
 @torch.no_grad()
@@ -280,7 +200,8 @@ def _diverged(v: float, epoch: int, step: int, ckpt_dir: str | None, records) ->
 
 def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainConfig(), *, seed: int = 0,
           device=None, world: World | None = None, ddp_bn: str = "local", checkpoint_dir=None,
-          on_epoch: Callable[[EpochRecord], object] | None = None, on_step: Callable[[int, float], object] | None = None,
+          on_epoch: Callable[[EpochRecord], object] | None = None,
+          on_step: Callable[[int, float], object] | None = None,
           callbacks: TrainCallbacks | None = None, max_steps: int | None = None, granularity: str = "node",
           progress: bool = True) -> TrainResult:
     """Train ``model`` under ``mask`` (one member: name -> bool ``[C]``, or a Masks of one; None: dense).
