@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="WRN-10-1 on 10,000 Fashion-MNIST images: the dense network, the Weedout winner "
                        "and a random mask at eta=0.5, 2 epochs each; prints a table. Runs are kept in --results, "
                        "so a second call only prints.")
-    demo = {"data.train_subset": 10000, "search.batch_size": 500, "training.epochs": 2, "sparsity": 0.5}
+    demo = {"data.train_subset": 10000, "search.batch_size": 256, "training.epochs": 2, "sparsity": 0.5}
     flags.add_fields(p, DataConfig, "data.", title="data", defaults=demo, only=("name", "train_subset"))
     flags.add_fields(p, RunConfig, "", title="the run", defaults=demo, only=("sparsity", "seed"))
     flags.add_fields(p, SECTIONS["search"], "search.", title="search", defaults=demo,
