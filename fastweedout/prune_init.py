@@ -23,13 +23,13 @@ these multipliers, taken through :meth:`WideResNet.walk` with float masks.
 
 Higher score = more important = kept. Exact ties are broken by a seeded random order (``generator``).
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and linear layers,
-1 multiply-add = 2 FLOPs), so ``l1`` (norms only) costs 0 by that convention.
+1 multiply-add = 2 FLOPs; ``l1``, norms only, costs 0) on a meta-device copy of the same passes, so the
+measured wall time carries no counting overhead.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -318,10 +318,28 @@ def _select(method, model, sparsity, mode, images, labels, config, g, image_size
     return mask, n
 
 
-@functools.cache
-def _warm_counter() -> None:
-    """FlopCounterMode's first operation in a process costs seconds of set-up: not the method's cost."""
-    counted_flops(torch.zeros(1).abs)
+def _meta_copy(model):
+    """The model on the meta device (shapes only, no storage): FLOPs are counted on it, not on the run."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach().to("meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _count(method, model, x_shape, hw, config) -> int:
+    """FlopCounterMode's count of one scoring pass (one synflow round), run on the meta device: the same
+    operations as the real pass, so the real pass's wall time carries no counting overhead."""
+    if method == "l1":
+        return 0
+    meta = _meta_copy(model)
+    with torch.enable_grad():
+        if method == "synflow":
+            fm = {k: torch.ones(c, dtype=torch.float64, device="meta") for k, c in model.node_layers().items()}
+            return counted_flops(_synflow_round, _linearised(meta), fm, hw)[0]
+        dtype = _param(model).dtype
+        fm = {k: torch.ones(c, dtype=dtype, device="meta") for k, c in model.node_layers().items()}
+        x = torch.empty(x_shape, dtype=dtype, device="meta")
+        y = torch.zeros(x_shape[0], dtype=torch.long, device="meta")
+        return counted_flops(_snip if method == "snip" else _grasp, meta, fm, x, y, config)[0]
 
 
 def prune_at_init(method: str, model, sparsity: Sparsity, mode: str = "layerwise", images: Tensor | None = None,
@@ -332,11 +350,11 @@ def prune_at_init(method: str, model, sparsity: Sparsity, mode: str = "layerwise
 
     ``sparsity``/``mode`` as :func:`sample_masks` (layerwise schedules allowed), with exactly its
     live counts. ``generator`` (a seed or CPU generator) breaks exact score ties. ``info``: method,
-    ``flops`` (FlopCounterMode: conv and linear layers, 1 multiply-add = 2 FLOPs), ``wall_s``,
-    ``images`` (validation images read), ``rounds``. Nothing to prune (every count zero): the dense
-    mask, no scoring. The model is left unchanged (parameters, buffers, train/eval mode).
+    ``flops`` (FlopCounterMode: conv and linear layers, 1 multiply-add = 2 FLOPs; counted on a meta
+    copy of the same passes), ``wall_s`` (the real run), ``images`` (validation images read),
+    ``rounds`` (scoring passes). Nothing to prune (every count zero): the dense mask, no scoring.
+    The model is left unchanged (parameters, buffers, train/eval mode).
     """
-    _warm_counter()
     t0 = time.perf_counter()
     _check_method(method)
     _check_model(model)
@@ -344,17 +362,18 @@ def prune_at_init(method: str, model, sparsity: Sparsity, mode: str = "layerwise
     layers = model.node_layers()
     off = off_counts(layers, sparsity, mode)
     g = _generator(generator)
-    n_img = 0
-    if method in DATA_METHODS:
-        n_img = int(_batch(method, model, images, labels, config)[0].shape[0])  # validate before any work
+    x_shape, hw = None, None
+    if method in DATA_METHODS:  # validate before any work
+        x_shape = tuple(_batch(method, model, images, labels, config)[0].shape)
     elif method == "synflow":
-        _image_hw(model, images, image_size)
+        hw = _image_hw(model, images, image_size)
     if (off if isinstance(off, int) else sum(off.values())) == 0:
-        mask, flops, rounds = _dense(layers), 0, 0
+        mask, rounds = _dense(layers), 0
     else:
-        flops, (mask, rounds) = counted_flops(_select, method, model, sparsity, mode, images, labels, config, g,
-                                              image_size)
-    info = dict(method=method, flops=int(flops), wall_s=time.perf_counter() - t0, images=n_img, rounds=rounds)
+        mask, rounds = _select(method, model, sparsity, mode, images, labels, config, g, image_size)
+    wall = time.perf_counter() - t0
+    flops = rounds * _count(method, model, x_shape, hw, config) if rounds else 0
+    info = dict(method=method, flops=int(flops), wall_s=wall, images=x_shape[0] if x_shape else 0, rounds=rounds)
     return mask, info
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastweedout as fw
 from fastweedout.backend import MaskedBackend
-from fastweedout.flops import count_forward
+from fastweedout.flops import count_forward, counted_flops
 from fastweedout.prune_init import METHODS, PruneConfig, keep_top, node_scores, off_counts, prune_at_init
 from helpers import batch, randomize_bn, state_snapshot
 
@@ -286,8 +286,11 @@ def test_flops_are_counted_and_no_weight_gradient_is_computed():
     assert syn["flops"] == 4 * (2 * c.total - c.stem)  # one all-ones image per round
     _, grasp = prune_at_init("grasp", m, 0.5, "layerwise", x, y)
     assert grasp["flops"] > snip["flops"]  # the Hessian-gradient product: a second backward
+    # Counted on a meta copy: exactly what FlopCounterMode counts around the real passes.
+    assert counted_flops(node_scores, "grasp", m, x, y)[0] == grasp["flops"]
+    assert counted_flops(node_scores, "synflow", m, image_size=8)[0] * 4 == syn["flops"]
     for info in (snip, syn, grasp):
-        assert info["wall_s"] > 0
+        assert info["wall_s"] > 0 and info["rounds"] == (4 if info is syn else 1)
 
 
 def test_batch_size_takes_the_first_images():
