@@ -13,7 +13,7 @@ from fastweedout import functional as ref
 
 bn_act = pytest.importorskip("fastweedout.kernels.bn_act")
 gconv = pytest.importorskip("fastweedout.kernels.grouped_conv")
-from fastweedout.kernels import _common  # noqa: E402
+from fastweedout.kernels import _common, _conv, bn_act_backward, bn_stats  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if not (_common.INTERPRET or torch.cuda.is_available()):
@@ -119,8 +119,12 @@ def test_bn_act_large_mean_no_cancellation():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bn_act_many_chunks_and_tiles(layout, monkeypatch):
     """Tiny tiles and forced row chunks: exercises the in-chunk and cross-chunk merges and masking."""
-    monkeypatch.setattr(bn_act, "_tiles", lambda R, C, S, cl: (2, 4, 1) if cl else (1, 4, 8))
-    monkeypatch.setattr(bn_act, "_split", lambda x, P, R, C, BR, BC: (-(-R // 3), 3) if R > 3 else (1, R))
+    tiles = lambda R, C, S, cl: (2, 4, 1) if cl else (1, 4, 8)  # noqa: E731
+    split = lambda x, P, R, C, BR, BC: (-(-R // 3), 3) if R > 3 else (1, R)  # noqa: E731
+    for mod in (bn_stats, bn_act, bn_act_backward):
+        monkeypatch.setattr(mod, "tiles", tiles)
+    for mod in (bn_stats, bn_act_backward):
+        monkeypatch.setattr(mod, "row_split", split)
     P, x, w, b, m, _, _ = _bn_inputs("random", torch.float32, layout, False, B=4, C=6, H=3, W=3)
     xk = x.clone().requires_grad_()
     y = bn_act.population_bn_act(xk, P, w, b, m)
@@ -214,8 +218,8 @@ def test_grouped_conv_populations(dtype, shape, epi):
 @pytest.mark.parametrize("epi", ["none", "batch", "running"])
 def test_grouped_conv_small_tiles(epi, monkeypatch):
     """Many M, N and K tiles (and the cross-tile merge of the statistics partials); strided weight."""
-    monkeypatch.setattr(gconv, "_default_config", lambda M, ko, ki, dtype: (16, 16, 16, 4, 1))
-    monkeypatch.setattr(gconv, "_TUNED", {})
+    monkeypatch.setattr(_conv, "default_config", lambda M, ko, ki, dtype: (16, 16, 16, 4, 1))
+    monkeypatch.setattr(_conv.TUNER, "cache", {})
     x, w, bnw, bnb, mask, rm, rv = _conv_inputs(2, 20, 18, 3, torch.float32, "nchw", B=2, H=6)
     w = w.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)  # K_in-contiguous, same values
     y = _conv_call(gconv, epi, x, w, 1, 1, bnw, bnb, mask, rm, rv)
@@ -271,9 +275,10 @@ def _opcheck_cases():
     b = torch.randn(C, device=DEV, requires_grad=True)
     m = torch.rand(P, C, device=DEV, requires_grad=True)
     rm, rv = torch.randn(C, device=DEV), torch.rand(P, C, device=DEV) + 0.5
-    mean, rstd = torch.randn(P, C, device=DEV), torch.rand(P, C, device=DEV) + 0.5
+    mean, var = torch.randn(P, C, device=DEV), torch.rand(P, C, device=DEV) + 0.5
     gx = torch.randn(2, 3 * 4, 5, 5, device=DEV, requires_grad=True)
     gw = torch.randn(3, 6, 4, 3, 3, device=DEV, requires_grad=True)
+    from fastweedout.kernels import conv_block  # noqa: F401  (registers fastweedout::fused_conv)
     bnw, bnb = torch.rand(18, device=DEV, requires_grad=True), torch.randn(3, 6, device=DEV, requires_grad=True)
     gm = torch.rand(18, device=DEV)
     grm, grv = torch.randn(18, device=DEV), torch.rand(18, device=DEV) + 0.5
@@ -284,14 +289,20 @@ def _opcheck_cases():
         "bn_running": (ops.population_bn_act.default, (x, P, w, b, m, rm, rv, 1e-5)),
         "bn_backward_batch": (ops.population_bn_act_backward.default,
                               (torch.randn(P * 2, C, 3, 3, device=DEV), x.detach(), P, w.detach(), b.detach(),
-                               m.detach(), None, None, mean, rstd, 1e-5)),
+                               m.detach(), None, None, mean, var, 1e-5)),
         "bn_backward_running": (ops.population_bn_act_backward.default,
                                 (torch.randn(P * 2, C, 3, 3, device=DEV), xcl.detach(), P, w.detach(), b.detach(),
-                                 None, rm, rv, mean, rstd, 1e-5)),
+                                 None, rm, rv, mean, var, 1e-5)),
         "conv": (ops.grouped_conv.default, (gx, gw, 1, 1)),
         "conv_s2": (ops.grouped_conv.default, (gx.detach().to(memory_format=torch.channels_last), gw, 2, 0)),
         "conv_bn_batch": (ops.grouped_conv_bn_act.default, (gx, gw, 1, 1, bnw, bnb, gm, None, None, 1e-5)),
         "conv_bn_running": (ops.grouped_conv_bn_act.default, (gx, gw, 2, 1, bnw, bnb, None, grm, grv, 1e-5)),
+        # the fused pass (forward only: scoring runs without gradients)
+        "fused_conv_all": (ops.fused_conv.default,
+                           (gx.detach().to(memory_format=torch.channels_last), gw.detach(), 1, 1,
+                            torch.rand(12, device=DEV), torch.randn(12, device=DEV),
+                            torch.randn(2, 18, 5, 5, device=DEV), True)),
+        "fused_conv_plain": (ops.fused_conv.default, (gx.detach(), gw.detach(), 2, 0, None, None, None, False)),
     }
 
 
