@@ -9,11 +9,18 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastweedout as fw
-from fastweedout.flops import (CONVENTION, count_forward, counted_flops, forward_flops, scoring_flops,
-                               train_step_flops, training_flops, useful_flops)
+from fastweedout.flops import (
+    CONVENTION,
+    count_forward,
+    counted_flops,
+    forward_flops,
+    scoring_flops,
+    train_step_flops,
+    training_flops,
+    useful_flops,
+)
 from fastweedout.scoring import population_logits
 from fastweedout.training import MaskedNet
-
 from helpers import batch, randomize_bn
 
 
@@ -180,3 +187,76 @@ def test_scoring_flops_fall_with_sparsity_for_compact_only():
         prev = c
         if eta == 0.8:  # convs scale with (1-eta)^2 in both their channel counts
             assert c < 0.1 * f
+
+
+# ------------------------------------------------------------------------------------ bytes moved
+def test_scoring_bytes_hand_count():
+    """WRN-10-1 (stem = stage1, 16/32/64 channels, one block per stage), 3x4x4 images, B=1, P=2,
+    layerwise eta=0.5 (live 8/8/16/16/32/32), fp32 (4 bytes), batch BN. Elements moved, counted by hand.
+
+    compact + Triton, widths padded to 16 (K = 16/16/16/16/32/32), activations:
+      stem      read image 1*3*16 = 48, write the dense stem 16*16 = 256, gather every member's channels
+                (read + write 2*16*16 = 512 each) = 1024, the stem's statistics read the dense stem: 256
+                                                                                     -> 1584
+      block 1   (4x4, no shortcut) conv1 reads x 512, writes h 512; conv2 reads h 512, writes x' 512 and
+                reads the shortcut 512 in its epilogue: 5 activation-sized tensors   -> 2560
+      block 2   (stride 2 -> 2x2) shortcut 1x1 reads 512, writes 2*16*4 = 128; conv1 reads 512, writes
+                128; conv2 reads 128, writes 128; the residual read 128             -> 1664
+      block 3   (-> 1x1, K_out 32) shortcut 128 + 64; conv1 128 + 64; conv2 64 + 64; residual 64 -> 576
+      head      apply the pending activation (read + write 64), mean (read 64)      -> 192
+      total 6576 elements = 26,304 bytes
+    weights (gathered per member: read, write, conv read = 3 * P * K_in * K_out * k*k; the stem dense):
+      stem 432, block 1: 2 * 3*2*16*16*9, block 2: 3*2*16*16 + 2 * 3*2*16*16*9,
+      block 3: 3*2*16*32 + 3*2*16*32*9 + 3*2*32*32*9, fc 2*32*10
+      = 143,920 elements = 575,680 bytes
+
+    folded + Triton (dense widths 16/32/64, weights read once), activations:
+      stem 48 + 256; its shared BN + ReLU on [B] (5 passes of 256) + one product per member (read 256,
+      write 512) = 2048; block 1: conv1 1024, epilogue 3*512, conv2 1024, add (h 2*512 + shared sc 256)
+      = 4864; block 2: epilogue 1536, shortcut 768, conv1 768 + epilogue 768, conv2 512, add 768 = 5120;
+      block 3: 768 + 384 + 384 + 384 + 256 + 384 = 2560; final epilogue 384 + mean 128
+      total 15,408 elements = 61,632 bytes; weights 77,360 elements (the dense network) = 309,440 bytes
+    """
+    from fastweedout.flops import scoring_bytes
+    m = fw.create_model("wrn_10_1")
+    masks = fw.sample_masks(m, 2, 0.5, generator=torch.Generator().manual_seed(0))
+    assert {k: v.tolist() for k, v in masks.live_counts().items()} == {
+        "stage1": [8, 8], "stage1.block0": [8, 8], "stage2": [16, 16], "stage2.block0": [16, 16],
+        "stage3": [32, 32], "stage3.block0": [32, 32]}
+    stem, block1, block2, block3, head = 48 + 256 + 1024 + 256, 5 * 512, 640 + 640 + 256 + 128, 576, 192
+    weights = 432 + 2 * 6 * 2304 + 6 * 256 + 2 * 6 * 2304 + 6 * 512 + 6 * 4608 + 6 * 9216 + 640
+    c = scoring_bytes(m, masks, 1, 4, "compact", kernels=True, pad_multiple=16)
+    assert c == {"activations": 4 * (stem + block1 + block2 + block3 + head), "weights": 4 * weights,
+                 "total": 4 * (stem + block1 + block2 + block3 + head + weights), "variant": "compact-triton"}
+    assert c["activations"] == 26_304 and c["weights"] == 575_680
+    f = scoring_bytes(m, masks, 1, 4, "folded", kernels=True)
+    assert (f["activations"], f["weights"]) == (4 * 15_408, 4 * 77_360)
+    assert (f["activations"], f["weights"]) == (4 * (304 + 2048 + 4864 + 5120 + 2560 + 512),
+                                                4 * (432 + 2 * 2304 + 512 + 4608 + 9216 + 2048 + 18432 + 36864 + 640))
+
+
+def test_scoring_bytes_fused_pass_moves_fewer_bytes():
+    """The fused compact engine moves ~5 activation-sized tensors per block, the eager engines more;
+    bf16 halves every count; running BN needs no statistics pass."""
+    from fastweedout.flops import scoring_bytes
+    m = fw.create_model("wrn_16_4")
+    masks = fw.sample_masks(m, 4, 0.8, generator=torch.Generator().manual_seed(0))
+    b = {(e, k): scoring_bytes(m, masks, 8, 32, e, kernels=k, pad_multiple=16 if k else 1)["activations"]
+         for e in ("loop", "folded", "compact") for k in (False, True)}
+    assert b[("compact", True)] < b[("compact", False)] < b[("folded", True)] < b[("folded", False)]
+    assert b[("loop", True)] == b[("loop", False)]  # the loop has no Triton variant
+    half = scoring_bytes(m, masks, 8, 32, "compact", kernels=True, pad_multiple=16, element_size=2)
+    assert 2 * half["total"] == scoring_bytes(m, masks, 8, 32, "compact", kernels=True, pad_multiple=16)["total"]
+    run = scoring_bytes(m, masks, 8, 32, "folded", kernels=True, bn="running")["activations"]
+    assert run < b[("folded", True)]
+    with pytest.raises(ValueError):
+        scoring_bytes(m, masks, 8, 32, "nope")
+
+
+def test_compact_executed_flops_count_the_padding():
+    m = fw.create_model("wrn_10_1")
+    masks = fw.sample_masks(m, 2, 0.5, generator=torch.Generator().manual_seed(0))  # 8 live of 16: padded to 16
+    plain = scoring_flops(m, masks, 2, 8, "compact")
+    padded = scoring_flops(m, masks, 2, 8, "compact", pad_multiple=16)
+    assert plain["useful"] == padded["useful"] and padded["executed"] > plain["executed"]
+    assert padded["executed"] <= scoring_flops(m, masks, 2, 8, "folded")["executed"]

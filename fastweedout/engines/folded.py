@@ -1,7 +1,9 @@
 """Folded engine: P members in the batch dimension ``[P*B, C, H, W]``, sharing the weights.
 
 The stem (and its BN-ReLU, whose statistics are the same for every member) runs once on ``[B]``;
-per-member BN statistics, ReLU and mask are one fused op (``ops.population_bn_act``).
+per-member BN statistics, ReLU and mask are one fused op (``ops.population_bn_act``). On CUDA the
+activations are channels_last from the stem on (cuDNN's NHWC convolutions, the kernels' 16-byte
+accesses): the same layout as the compact engine, so the baselines are fair.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ from ..backend import BaseBackend, batch_norm
 
 
 class FoldedBackend(BaseBackend):
-    def __init__(self, masks: dict[str, Tensor], bn_mode: str, members: int, batch: int):
+    def __init__(self, masks: dict[str, Tensor], bn_mode: str, members: int, batch: int,
+                 channels_last: bool | None = None):
         self.masks = masks  # name -> float [P, C]
         self.bn_mode, self.P, self.B = bn_mode, members, batch
+        self.channels_last = channels_last
 
     def _shared(self, x: Tensor) -> bool:
         return self.P > 1 and x.shape[0] == self.B
 
+    def _layout(self, x: Tensor) -> Tensor:
+        cl = x.is_cuda if self.channels_last is None else self.channels_last
+        return x.contiguous(memory_format=torch.channels_last) if cl else x
+
     def stem(self, x, conv, node_set):
-        return conv(x)  # [B, C, H, W], identical for all members
+        return self._layout(conv(x))  # [B, C, H, W], identical for all members
 
     def conv(self, x, conv, in_set, out_set):
         return conv(x)
@@ -31,7 +39,7 @@ class FoldedBackend(BaseBackend):
         m = self.masks[node_set]
         if self._shared(x):
             y = torch.relu(batch_norm(x, bn, self.bn_mode))
-            return (y.unsqueeze(0) * m.to(y.dtype)[:, None, :, None, None]).flatten(0, 1)
+            return self._layout((y.unsqueeze(0) * m.to(y.dtype)[:, None, :, None, None]).flatten(0, 1))
         running = self.bn_mode == "running"
         return ops.population_bn_act(x, self.P, bn.weight, bn.bias, m,
                                      bn.running_mean if running else None,
@@ -42,7 +50,7 @@ class FoldedBackend(BaseBackend):
 
     def add(self, h, sc):
         if h.shape[0] != sc.shape[0]:  # shared stem stream + per-member branch
-            return (h.unflatten(0, (self.P, self.B)) + sc.unsqueeze(0)).flatten(0, 1)
+            return self._layout((h.unflatten(0, (self.P, self.B)) + sc.unsqueeze(0)).flatten(0, 1))
         return h + sc
 
     def head(self, x, fc, node_set):
