@@ -26,12 +26,12 @@ with ``torch.where(mask_i, weight, 0)`` (a masked weight is an exact zero, whate
   dense FLOPs as ``loop`` (the stem cannot be shared: its weights differ per member), and P masked
   copies of every weight in memory (4 bytes per weight and member in fp32, plus its 1-byte mask).
 * ``auto``: ``grouped`` on a GPU (one launch per layer instead of P; not yet measured there), ``loop`` on
-  a CPU. Measured on the 2-core development CPU (shared, torch 2.14, fp32, 1 thread, WRN-10-1, P=10,
-  64 images 1x28x28, eta=0.5, 12.0 GFLOP executed per call, median of 9 interleaved repeats): loop
-  0.59 s, the same as P unmasked dense forwards (0.60 s: masking the weights costs nothing measurable);
-  grouped 0.71 s (cache-sized chunks, 1 member here), 0.75 s with all 10 members in one pass: oneDNN's
-  grouped convolution is no faster per FLOP than P plain ones, and folding adds the masked weight copies.
-  For comparison, node masks at the same eta: loop 0.69 s, folded 0.63 s, compact 0.32 s (structured
+  a CPU. Measured on the 2-core development CPU (shared with other jobs, torch 2.14, fp32, 1 thread,
+  WRN-10-1, P=10, 64 images 1x28x28, eta=0.5, 12.0 GFLOP executed per call, median of 9 interleaved
+  repeats): loop 0.39 s, as fast as P unmasked dense forwards (0.37 s: masking the weights costs little);
+  grouped 0.40 s with cache-sized chunks (1 member per pass here), 0.53 s with 5 and 0.59 s with all 10
+  members in one pass: oneDNN's grouped convolution is slower per FLOP than P plain ones at these sizes.
+  For comparison, node masks at the same eta: loop 0.40 s, folded 0.39 s, compact 0.19 s (structured
   sparsity halves the work; unstructured sparsity does not reduce the work of dense kernels at all).
 
 FLOPs (:func:`weight_scoring_flops`, FlopCounterMode's convention, 1 multiply-add = 2 FLOPs, conv and
