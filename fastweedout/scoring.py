@@ -73,15 +73,25 @@ def auto_engine(masks: Masks, device: torch.device) -> str:
 
 def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
                budget_bytes: float | None = None) -> int:
-    """Members per chunk so that a chunk's activations fit ``budget_bytes`` (default: 60% of the
-    GPU's free memory; on CPU, a chunk whose widest activation fits the threads' L2 caches, at least
-    one member; see ``_CPU_CHUNK_BYTES_PER_THREAD``)."""
+    """Members per chunk so that a chunk's activations (and, for ``compact``, its members' gathered
+    conv weights) fit ``budget_bytes`` (default: 60% of the GPU's free memory; on CPU, a chunk whose
+    widest activation fits the threads' L2 caches, at least one member; see
+    ``_CPU_CHUNK_BYTES_PER_THREAD``)."""
+    from .engines.compact import pad_multiple
+    from .flops import padded_live
+
     b, _, h, w = images.shape
     live = None
-    if engine == "compact":
-        live = {k: int(v.max()) for k, v in masks.live_counts().items()}
-    widest = count_forward(model, (h, w), live).max_activation
+    if engine == "compact":  # the widths the engine runs: live channels, rounded up where the kernels pad
+        live = padded_live(masks, pad_multiple(images.device, images.dtype))
+    c = count_forward(model, (h, w), live)
+    widest = c.max_activation
     per_member = _LIVE_COPIES * widest * b * max(4, images.element_size())
+    if engine == "compact":
+        # Every member has its own copy of each conv's weights (gathered per call); the largest conv's,
+        # and the next one's, are alive at once. At WRN-28-10 widths this passes 2^31 elements by ~580
+        # members and dominates small batches.
+        per_member += 2 * c.max_weight * images.element_size()
     if budget_bytes is not None:
         budget = budget_bytes
     elif images.device.type == "cuda":
