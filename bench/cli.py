@@ -1,17 +1,21 @@
-"""``fastweedout bench``: the benchmark suite's command line.
+"""``python -m bench``: the benchmark suite's command line (run from the repository root; ``bench/`` is a
+directory of scripts, not an installed package).
 
-    fastweedout bench scoring  [--quick|--full] [--out DIR] [--threads N] [overrides...]
-    fastweedout bench training [--quick|--full] ...
-    fastweedout bench pipeline [--quick|--full] ...
-    fastweedout bench engines                   # issue 2's CPU engine table: loop vs folded vs compact
-    fastweedout bench report   [--out DIR] [--md FILE] [--all-runs] [FILES...]
-    fastweedout bench all      [--quick|--full] # scoring + training + pipeline (+ kernels on --full) + report
+    python -m bench scoring  [--quick|--full] [--out DIR] [--threads N] [overrides...]
+    python -m bench training [--quick|--full] ...
+    python -m bench pipeline [--quick|--full] ...
+    python -m bench engines                    # the CPU engine table: loop vs folded vs compact
+    python -m bench kernels  [--smoke] ...     # Triton conv vs cuDNN, epilogues vs copy (GPU)
+    python -m bench gpu      [--dry-run]       # everything on one GPU in one command (<= 9 min on an H100)
+    python -m bench report   [--out DIR] [--md FILE] [--all-runs] [FILES...]
+    python -m bench all      [--quick|--full]  # scoring + training + pipeline (+ kernels on a GPU) + report
+    python -m bench --quick                    # no command: `all`
 
-also ``python -m fastweedout.bench.cli ...``. Presets: ``--smoke`` (tiny shapes, seconds: checks the
-runner), ``--quick`` (CPU-sized, < 10 minutes for
-``all`` on a 2-core CPU), no flag (the CPU matrix on a CPU, the headline run on a GPU), ``--full``
+Presets: ``--smoke`` (tiny shapes, seconds: checks the runner), ``--quick`` (CPU-sized, < 10 minutes
+for ``all`` on a 2-core CPU), no flag (the CPU matrix on a CPU, the headline run on a GPU), ``--full``
 (the GPU headline run: WRN-16-4 and WRN-28-10, P in {10, 100}, bf16; it refuses to start without a
-CUDA device). Rows are appended to ``<out>/<bench>.jsonl`` (default ``bench/results``).
+CUDA device). Rows are appended to ``<out>/<bench>.jsonl`` (default ``./bench/results``). Bad
+arguments print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def scoring_preset(preset: str, cuda: bool) -> dict:
                     engines=["loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func"])
     if preset == "quick":
         return dict(models=["wrn_16_2"], populations=[10], etas=[0.0, 0.4, 0.8], batch=32, repeats=3)
-    if preset == "issue2":
+    if preset == "cpu-engines":
         return dict(models=["wrn_16_4"], populations=[16], etas=[0.0, 0.4, 0.8], batch=64, repeats=3,
                     engines=["loop", "folded", "compact", "folded-triton", "compact-triton"])
     if preset == "full" or (preset == "default" and cuda):
@@ -85,14 +89,24 @@ def _common(p: argparse.ArgumentParser, presets: bool = True) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``python -m bench: error: ...``, exit 2), like every other command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+COMMANDS = ("scoring", "engines", "training", "pipeline", "kernels", "gpu", "report", "all")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fastweedout bench", description="fastweedout benchmark suite")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="python -m bench", description="fastweedout benchmark suite")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     s = sub.add_parser("scoring", help="population scoring: engines vs baselines")
     _common(s)
     _scoring_args(s)
-    e = sub.add_parser("engines", help="issue 2's CPU table: loop vs folded vs compact, WRN-16-4, P=16, 64 images")
+    e = sub.add_parser("engines", help="the CPU engine table: loop vs folded vs compact, WRN-16-4, P=16, 64 images")
     _common(e, presets=False)
     _scoring_args(e)
     e.add_argument("--profile", action="store_true",
@@ -126,6 +140,22 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--engine")
     pl.add_argument("--epochs", type=int)
     pl.add_argument("--batch-size", type=int)
+
+    k = sub.add_parser("kernels", help="Triton conv vs cuDNN grouped vs dense folded; epilogues vs copy (GPU)")
+    _common(k, presets=False)
+    k.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU through the interpreter)")
+    k.add_argument("--members", type=int)
+    k.add_argument("--batch", type=int, help="images per member")
+    k.add_argument("--stages", help="comma list of WRN-28-10 stages, e.g. 2,3")
+    k.add_argument("--etas", help="comma list of sparsities")
+    k.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    k.add_argument("--repeats", type=int)
+
+    gp = sub.add_parser("gpu", help="everything on one GPU: kernel tests, kernels, scoring, training (<= 9 min)")
+    _common(gp, presets=False)
+    gp.add_argument("--dry-run", action="store_true", help="the same steps on tiny shapes (CPU; what CI runs)")
+    gp.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (default 540)")
+    gp.add_argument("--skip", default="", help="comma list of tests,kernels,scoring,training to skip")
 
     r = sub.add_parser("report", help="results JSONL -> Markdown table + PNG plots")
     r.add_argument("files", nargs="*", help="JSONL files (default: <out>/*.jsonl)")
@@ -180,7 +210,7 @@ def _split(s: str) -> list[str]:
 def _check_full(args, device) -> None:
     if getattr(args, "full", False) and device.type != "cuda":
         raise FullNeedsGPU(
-            "fastweedout bench --full is the GPU headline run (WRN-16-4 and WRN-28-10, P in {10, 100}, bf16, "
+            "--full is the GPU headline run (WRN-16-4 and WRN-28-10, P in {10, 100}, bf16, "
             f"989 TFLOP/s peak) and needs a CUDA device; this machine has none (device={device}). Nothing was "
             "run. On a CPU use --quick (< 10 min) or no preset (the CPU-sized matrix: WRN-16-2, P in {10, 100}).")
 
@@ -202,11 +232,11 @@ def cmd_scoring(args, preset: str | None = None) -> list:
 
 
 def cmd_engines(args) -> list:
-    from .bench_engines import print_summary
-    rows = cmd_scoring(args, preset="issue2")
+    from .engines import print_summary
+    rows = cmd_scoring(args, preset="cpu-engines")
     print_summary(rows)
     if args.profile:
-        from .bench_engines import profile_eta0
+        from .engines import profile_eta0
         r0 = rows[0]
         profile_eta0(args.out, r0.model, r0.population, r0.batch, r0.image_size)
     return rows
@@ -241,6 +271,38 @@ def cmd_pipeline(args) -> list:
     return run_pipeline(cfg, device, Path(args.out) / "pipeline.jsonl", quiet=args.quiet)
 
 
+def cmd_kernels(args) -> list:
+    from .kernels import KernelConfig, run_kernels, summarize
+    device = resolve_device(args.device)
+    cfg = KernelConfig(preset="smoke" if args.smoke else "default")
+    if args.smoke:
+        cfg = KernelConfig(members=2, batch=2, stages=[1, 2], etas=[0.5], widths=[(16, 8), (32, 4), (64, 2)],
+                           dtype="float32", repeats=1, inner=1, preset="smoke")
+    elif device.type != "cuda":
+        raise FullNeedsGPU("kernels measures the Triton kernels at WRN-28-10 shapes and needs a CUDA device; "
+                           "use --smoke to check the script on CPU")
+    for name, conv in (("members", None), ("batch", None), ("stages", parse_ints), ("etas", parse_floats),
+                       ("dtype", None), ("repeats", None)):
+        v = getattr(args, name, None)
+        if v is not None:
+            setattr(cfg, name, conv(v) if conv else v)
+    rows = run_kernels(cfg, device, Path(args.out) / "kernels.jsonl", quiet=args.quiet)
+    print(summarize(rows), flush=True)
+    return rows
+
+
+def cmd_gpu(args) -> int:
+    from .gpu import STEPS, run_gpu
+    device = resolve_device(args.device)
+    skip = set(_split(args.skip))
+    if skip - set(STEPS):
+        raise FullNeedsGPU(f"--skip takes {','.join(STEPS)}, got {args.skip!r}")
+    if device.type != "cuda" and not args.dry_run:
+        raise FullNeedsGPU("gpu needs a CUDA device; --dry-run runs the same steps on tiny shapes here")
+    steps = run_gpu(args.out, device, dry_run=args.dry_run, budget_s=args.budget_s, skip=skip, quiet=args.quiet)
+    return 0 if all(s["status"] in ("ok", "skipped") for s in steps) else 1
+
+
 def cmd_report(args):
     from .report import build_report, default_paths
     files = args.files or default_paths(args.out)
@@ -262,11 +324,9 @@ def cmd_all(args) -> int:
         t = time.perf_counter()
         fn(ns)
         print(f"[bench all] {name} done in {time.perf_counter() - t:.0f} s", flush=True)
-    if getattr(args, "full", False) and "kernels" not in skip:
-        from . import bench_kernels
-        rc = bench_kernels.main(["--out", str(Path(args.out) / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}.json")])
-        if rc:
-            print(f"[bench all] bench_kernels exited with {rc}", flush=True)
+    if device.type == "cuda" and "kernels" not in skip:
+        cmd_kernels(argparse.Namespace(**{**_defaults("kernels"), "out": args.out, "device": args.device,
+                                          "quiet": args.quiet}))
     if "report" not in skip:
         cmd_report(argparse.Namespace(files=[], out=args.out, md=None, all_runs=False, no_plots=False))
     print(f"[bench all] finished in {time.perf_counter() - t0:.0f} s, load={load_average()}", flush=True)
@@ -281,6 +341,12 @@ def _defaults(cmd: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        _parser().print_help()
+        return 0
+    if not any(a in COMMANDS for a in argv if not a.startswith("-")) and not {"-h", "--help"} & set(argv):
+        argv = ["all", *argv]  # `python -m bench --quick`: the quick preset of everything
     args = _parser().parse_args(argv)
     if getattr(args, "threads", None):
         set_threads(args.threads)
@@ -293,12 +359,16 @@ def main(argv: list[str] | None = None) -> int:
             cmd_training(args)
         elif args.cmd == "pipeline":
             cmd_pipeline(args)
+        elif args.cmd == "kernels":
+            cmd_kernels(args)
+        elif args.cmd == "gpu":
+            return cmd_gpu(args)
         elif args.cmd == "report":
             cmd_report(args)
         elif args.cmd == "all":
             return cmd_all(args)
     except FullNeedsGPU as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"python -m bench: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,19 +1,22 @@
-"""What every benchmark shares: the environment record, device peaks, timers, memory, JSONL output.
+"""What every benchmark shares: timers, memory, records and the JSONL writer (the environment record
+and peaks are in ``env.py``). One harness, one schema, for every benchmark in ``bench/``.
 
 Method (all benchmarks):
 
 * warm-up calls first (compilation, cuDNN autotuning, allocator growth); compile time is measured
   on the first call and reported separately, never inside the timed repeats;
-* GPU: CUDA events around each call (the device is synchronised inside the timed region);
-  CPU: ``time.perf_counter`` wall time, plus the process's CPU time (``time.process_time``: user +
-  system seconds of all its threads), which other processes' load inflates much less than wall time;
+* GPU: CUDA events around each call (the device is synchronised inside the timed region; a call may
+  run ``inner`` times between the events, for microsecond kernels); CPU: ``time.perf_counter`` wall
+  time, plus the process's CPU time (``time.process_time``), which other processes' load inflates
+  much less than wall time;
 * the variants being compared are timed *interleaved* (round robin: A B C A B C ...), so that a
   change in the machine's load hits all of them alike; median and spread (min, quartiles, max) of
   the repeats are recorded;
 * inputs are random normal, never zeros;
 * every row is a dataclass appended as one JSON line (one ``os.write`` on an ``O_APPEND`` file under
-  an exclusive ``flock``) to ``<out>/<bench>.jsonl``, with the device, the peak figures used, the
-  torch / triton versions, the git revision and the date.
+  an exclusive ``flock``, fsynced) to ``<out>/<bench>.jsonl`` as soon as it is measured, with the
+  device, the precision actually used, the peaks it is judged against, the torch / triton versions,
+  the git revision and the date.
 
 FLOPs follow FlopCounterMode's convention: 1 multiply-add = 2 FLOPs, convolutions and linear layers
 only (``fastweedout.flops.CONVENTION``).
@@ -21,22 +24,19 @@ only (``fastweedout.flops.CONVENTION``).
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
-import subprocess
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,168 +44,10 @@ from torch.utils._pytree import tree_leaves
 
 from fastweedout.flops import CONVENTION
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "bench" / "results"
-SCHEMA = "fastweedout.bench/1"
-# Dense peaks (FLOP/s) of GPUs, by dtype; the issue's headline figure is bf16 (989 TFLOP/s dense,
-# H100 SXM datasheet; the H200 has the same compute).
-GPU_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12, "tf32": 495e12},
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12, "tf32": 495e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12, "tf32": 156e12},
-}
+from .env import SCHEMA, Env, Peak, cold_compile, device_peak, load_average, precision, roofline, run_id
 
-
-# ------------------------------------------------------------------------------------ environment
-def git_revision() -> tuple[str | None, bool | None]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-        return rev, dirty
-    except Exception:
-        return None, None
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-        return triton.__version__
-    except Exception:
-        return None
-
-
-@dataclass
-class Peak:
-    """The peak figure a run divides by (FLOP/s), and where it comes from."""
-
-    flops_per_s: float
-    dtype: str
-    source: str  # "datasheet: ..." or "measured: ..."
-
-
-_CPU_PEAK_CACHE: dict[tuple[int, int], Peak] = {}
-
-
-def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> Peak:
-    """A large fp32 matmul (``n x n @ n x n``), best of ``repeats``: the CPU's reachable peak.
-
-    Measured once per process and thread count, then reused (recorded in every row as the peak used).
-    """
-    key = (n, torch.get_num_threads())
-    if key in _CPU_PEAK_CACHE:
-        return _CPU_PEAK_CACHE[key]
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    peak = Peak(2 * n ** 3 / best, "float32",
-                f"measured: fp32 matmul {n}x{n}x{n}, best of {repeats}, {torch.get_num_threads()} threads, "
-                f"load {load_average()}")
-    _CPU_PEAK_CACHE[key] = peak
-    return peak
-
-
-def device_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
-    """The datasheet peak of a known GPU (bf16 headline, or the fp32/tf32 figure), or a measured CPU peak."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        dt = str(dtype).replace("torch.", "")
-        if dt == "float32" and torch.backends.cuda.matmul.allow_tf32:
-            dt = "tf32"
-        for k, v in GPU_PEAKS.items():
-            if k in name:
-                return Peak(v[dt], dt, f"datasheet: {k} dense {dt}")
-        # Unknown GPU: a measured matmul in the dtype used.
-        n = 8192
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        ms = cuda_time(lambda: torch.mm(a, b), repeats=10, warmup=3).median_s
-        return Peak(2 * n ** 3 / ms, dt, f"measured: {dt} matmul {n}^3 (unknown GPU {name!r})")
-    return measure_cpu_peak()
-
-
-@dataclass
-class Env:
-    """Where and with what a row was measured."""
-
-    device: str
-    device_type: str
-    peak_flops_per_s: float
-    peak_dtype: str
-    peak_source: str
-    torch: str
-    triton: str | None
-    cuda: str | None
-    python: str
-    git_rev: str | None
-    git_dirty: bool | None
-    date: str
-    threads: int
-    cpu_count: int | None
-    hostname: str
-    runtime_env: dict = field(default_factory=dict)  # OMP_* / MKL_* / MALLOC_* / FASTWEEDOUT_* variables set
-
-    @staticmethod
-    def capture(device: torch.device, peak: Peak) -> "Env":
-        rev, dirty = git_revision()
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-        return Env(device=name, device_type=device.type, peak_flops_per_s=peak.flops_per_s, peak_dtype=peak.dtype,
-                   peak_source=peak.source, torch=torch.__version__, triton=triton_version(),
-                   cuda=torch.version.cuda, python=platform.python_version(), git_rev=rev, git_dirty=dirty,
-                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   threads=torch.get_num_threads(), cpu_count=os.cpu_count(), hostname=platform.node(),
-                   runtime_env={k: v for k, v in sorted(os.environ.items())
-                                if k.startswith(("OMP_", "KMP_", "MKL_", "MALLOC_", "FASTWEEDOUT_", "TRITON_",
-                                                 "CUDA_VISIBLE"))})
-
-
-def cold_compile() -> None:
-    """Turn off Inductor's on-disk caches (FX graph, AOT autograd) so that ``compile_s`` is the cold
-    compile a fresh machine pays, not a cache hit from an earlier run. Dynamo's in-process cache stays:
-    a configuration whose shapes were already compiled in this run reuses the graph (as a search does
-    across generations), so its compile time is about zero."""
-    try:
-        import torch._inductor.config as ic
-        ic.fx_graph_cache = False
-        if hasattr(ic, "autotune_local_cache"):
-            ic.autotune_local_cache = False
-    except Exception:
-        pass
-    try:
-        import torch._functorch.config as fc
-        if hasattr(fc, "enable_autograd_cache"):
-            fc.enable_autograd_cache = False
-    except Exception:
-        pass
-
-
-def run_id() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
-
+#: results go under the current directory's bench/results (run from the repository root) or --out
+DEFAULT_OUT = Path("bench") / "results"
 
 # ------------------------------------------------------------------------------------ timing
 @dataclass
@@ -227,7 +69,7 @@ class Timing:
 
     @staticmethod
     def of(times: list[float], cpu: list[float] | None = None, timer: str = "perf_counter",
-           sys: list[float] | None = None, faults: list[int] | None = None) -> "Timing":
+           sys: list[float] | None = None, faults: list[int] | None = None) -> Timing:
         s = sorted(times)
         q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
         return Timing(median_s=statistics.median(s), min_s=s[0], q25_s=q[0], q75_s=q[2], max_s=s[-1],
@@ -263,34 +105,37 @@ def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing
     return Timing.of(times, timer="cuda_events")
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, int]:
-    """(wall s, process CPU s, system s, minor page faults) of one call, the device synchronised inside."""
+def time_once(fn: Callable[[], object], device: torch.device, inner: int = 1) -> tuple[float, float, float, int]:
+    """(wall s, process CPU s, system s, minor page faults) of one call (``inner`` calls back to back,
+    divided by ``inner``), the device synchronised inside."""
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         c0 = time.process_time()
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         torch.cuda.synchronize(device)
         wall, cpu = a.elapsed_time(b) / 1e3, time.process_time() - c0
     else:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return wall, cpu, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt
+    return wall / inner, cpu / inner, (r1.ru_stime - r0.ru_stime) / inner, (r1.ru_minflt - r0.ru_minflt) // inner
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                on_round: Callable[[int], None] | None = None) -> dict[str, Timing]:
+                on_round: Callable[[int], None] | None = None, inner: int = 1) -> dict[str, Timing]:
     """Time every function ``repeats`` times, round robin, after the caller's warm-up."""
     res: dict[str, list[tuple]] = {k: [] for k in fns}
     for r in range(repeats):
         for k, fn in fns.items():
-            res[k].append(time_once(fn, device))
+            res[k].append(time_once(fn, device, inner))
         if on_round is not None:
             on_round(r)
     timer = "cuda_events" if device.type == "cuda" else "perf_counter"
@@ -407,6 +252,7 @@ class Record:
     load_avg_after: list[float] | None
     status: str = "ok"  # ok | skipped | error
     note: str = ""
+    precision: str = ""  # the arithmetic that ran: bf16, fp16, tf32 (fp32 on a GPU), fp32, fp64
     flops_convention: str = CONVENTION
     schema: str = SCHEMA
 
@@ -485,7 +331,7 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda asked for, but no CUDA device is available here")
+        raise SystemExit("--device cuda asked for, but no CUDA device is available here")
     return dev
 
 
@@ -519,4 +365,5 @@ def progress(msg: str, quiet: bool = False) -> None:
 
 
 __all__ = ["Env", "Peak", "Timing", "Record", "PeakMemory", "append_jsonl", "read_jsonl", "interleaved",
-           "time_once", "device_peak", "measure_cpu_peak", "load_average", "run_id", "DEFAULT_OUT", "field"]
+           "time_once", "cuda_time", "device_peak", "precision", "roofline", "load_average", "run_id", "cold_compile",
+           "DEFAULT_OUT", "SCHEMA"]

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 
 import fastweedout as fw
-from fastweedout.data import DatasetError, DeviceLoader, SyntheticConfig, load_dataset
+from fastweedout.datasets import DatasetError, SyntheticConfig, load_dataset
+from fastweedout.loader import DeviceLoader
 from fastweedout.training import TrainConfig, train
 
-from .common import Env, Record, append_jsonl, device_peak, fmt_num, fmt_s, load_average, progress, run_id
+from .common import Env, Record, append_jsonl, device_peak, fmt_num, fmt_s, load_average, precision, progress, run_id
 
 PHASES = ("search", "training", "evaluation")
 
@@ -106,8 +107,7 @@ def load_data(cfg: PipelineConfig):
 def run_pipeline(cfg: PipelineConfig, device: torch.device, out_path, *, quiet: bool = False) -> list[PipelineRecord]:
     ds, note = load_data(cfg)
     ds = ds.to(device)
-    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, compile=cfg.compile, amp=cfg.amp,
-                     seed=cfg.seed, device=str(device))
+    tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, compile=cfg.compile, amp=cfg.amp)
     opts = tc.resolved(device)
     peak = device_peak(device, torch.bfloat16 if opts["amp"] else torch.float32)
     env = Env.capture(device, peak)
@@ -119,13 +119,13 @@ def run_pipeline(cfg: PipelineConfig, device: torch.device, out_path, *, quiet: 
     val = DeviceLoader(ds.val, len(ds.val), mean=ds.mean, std=ds.std)
     xv, yv = next(iter(val))
     t0 = time.perf_counter()
-    sr = fw.random_search(model, xv, yv, population=cfg.population, generations=cfg.generations,
-                          sparsity=cfg.eta, batch_size=min(cfg.search_batch, len(ds.val)), engine=cfg.engine,
-                          seed=cfg.seed)
+    sc = fw.SearchConfig(population=cfg.population, generations=cfg.generations,
+                         batch_size=min(cfg.search_batch, len(ds.val)), engine=cfg.engine)
+    sr = fw.random_search(model, xv, yv, sc, sparsity=cfg.eta, seed=cfg.seed)
     search_total = time.perf_counter() - t0
     progress(f"  search: {fmt_s(sr.wall_time_s)} ({sr.engine}, chunk {sr.chunk_size}), "
              f"{fmt_num(sr.flops_executed, 'FLOP')} executed", quiet)
-    tr = train(model, sr.winner.member(0), ds, tc, progress=False)
+    tr = train(model, sr.winner.member(0), ds, tc, seed=cfg.seed, device=device, progress=False)
     progress(f"  training: {fmt_s(tr.phases['training'].wall_s)}, evaluation: {fmt_s(tr.phases['evaluation'].wall_s)}, "
              f"test acc {tr.final.test_acc:.3f}", quiet)
     load1 = load_average()
@@ -146,6 +146,7 @@ def run_pipeline(cfg: PipelineConfig, device: torch.device, out_path, *, quiet: 
                   test_size=len(ds.test), image_size=ds.image_size, eta=cfg.eta, population=cfg.population,
                   generations=cfg.generations, search_batch=min(cfg.search_batch, len(ds.val)), engine=sr.engine,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, compiled=opts["compile"], amp=opts["amp"],
+                  precision=precision(torch.bfloat16 if opts["amp"] else torch.float32, device),
                   test_acc=tr.final.test_acc, winner_fitness=sr.best_fitness[-1])
     rows = []
     for name, p in phases.items():

@@ -1,7 +1,7 @@
 """Benchmark results (JSONL rows) -> a Markdown report and PNG plots.
 
-    fastweedout bench report                      # bench/results/*.jsonl -> bench/results/README.md + PNGs
-    fastweedout bench report --all-runs f.jsonl   # every run, not only the latest of each kind
+    python -m bench report                      # bench/results/*.jsonl -> bench/results/README.md + PNGs
+    python -m bench report --all-runs f.jsonl   # every run, not only the latest of each kind
 
 By default only the latest run of each (benchmark, preset, device) is shown; ``<out>/NOTES.md``
 (hand-written findings), when present, is included after the header. Plots: speedup over
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from fastweedout.runs import atomic_output, atomic_write_text
+from fastweedout.atomic import atomic_output, atomic_write_text
 
 from .common import DEFAULT_OUT, fmt_num, fmt_s, read_jsonl, slug
 
@@ -36,7 +36,8 @@ def latest_runs(rows: list[dict]) -> list[dict]:
         key = (r["bench"], r.get("preset"), r.get("env", {}).get("device"))
         if r.get("run_id", "") > last.get(key, ""):
             last[key] = r.get("run_id", "")
-    return [r for r in rows if r.get("run_id", "") == last[(r["bench"], r.get("preset"), r.get("env", {}).get("device"))]]
+    return [r for r in rows
+            if r.get("run_id", "") == last[(r["bench"], r.get("preset"), r.get("env", {}).get("device"))]]
 
 
 def _pct(v, digits=1):
@@ -67,7 +68,7 @@ def _env_line(rows: list[dict]) -> str:
     env = rows[0].get("env", {})
     loads = [r.get("load_avg_before") for r in rows if r.get("load_avg_before")] + \
             [r.get("load_avg_after") for r in rows if r.get("load_avg_after")]
-    l1 = [l[0] for l in loads if l]
+    l1 = [v[0] for v in loads if v]
     load = f"load average (1 min) {min(l1):.2f}-{max(l1):.2f}" if l1 else "load average unknown"
     rev = (env.get("git_rev") or "?")[:10] + ("+dirty" if env.get("git_dirty") else "")
     return (f"{env.get('device')} ({env.get('device_type')}, {env.get('threads')} threads), peak "
@@ -75,8 +76,8 @@ def _env_line(rows: list[dict]) -> str:
             f"torch {env.get('torch')}, triton {env.get('triton')}; git {rev}; {env.get('date')}; {load}")
 
 
-def _groups(rows: list[dict], keys: tuple[str, ...]) -> "OrderedDict[tuple, list[dict]]":
-    g: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+def _groups(rows: list[dict], keys: tuple[str, ...]) -> OrderedDict[tuple, list[dict]]:
+    g: OrderedDict[tuple, list[dict]] = OrderedDict()
     for r in rows:
         g.setdefault(tuple(r.get(k) for k in keys), []).append(r)
     return g
@@ -93,9 +94,12 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
            "time (less sensitive to other processes' load), of which `sys` in the kernel, and the minor page faults "
            "per call; member-images/s = P x B / median; useful FLOP/s = "
            "FLOPs of the live sub-networks / median, and its fraction of the device peak; memory = peak "
-           "held at once by the call (CUDA: max allocated; CPU: live tensor storages tracked op by op, or sampled RSS for compiled code); err = max |fitness - loop's| / max |loop's|.",
+           "held at once by the call (CUDA: max allocated; CPU: live tensor storages tracked op by op, or sampled "
+           "RSS for compiled code); err = max |fitness - loop's| / max |loop's|; `% bw` = bytes moved "
+           "(`fastweedout.flops.scoring_bytes`) per second / the memory bandwidth; the peak is that of the "
+           "precision that ran (tf32 for fp32 on a GPU).",
            ""]
-    for key, grp in _groups(rows, SCORING_KEYS).items():
+    for _key, grp in _groups(rows, SCORING_KEYS).items():
         r0 = grp[0]
         out += [f"### {r0['model']}, P={r0['population']}, B={r0['batch']}, "
                 f"{r0['in_channels']}x{r0['image_size']}x{r0['image_size']}, bn={r0['bn']}, {r0['dtype']} "
@@ -120,7 +124,7 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
             piv.append([e] + cells)
         out += ["Speedup over `loop` (wall; CPU time in brackets):", ""] + _table(head, piv) + [""]
         head = ["eta", "engine", "median", "IQR", "cpu time", "sys time", "page faults", "x loop", "member-img/s",
-                "useful FLOP/s", "% peak", "executed FLOPs", "memory", "chunk", "err", "note"]
+                "useful FLOP/s", "% peak", "% bw", "precision", "executed FLOPs", "memory", "chunk", "err", "note"]
         body = []
         for eta in etas:
             for e in engines:
@@ -132,6 +136,7 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
                              fmt_s(t.get("sys_median_s")), fmt_num(t.get("minor_faults_median")),
                              _x(r.get("speedup_vs_loop")), fmt_num(r.get("members_images_per_s")),
                              fmt_num(r.get("useful_flops_per_s"), "FLOP/s"), _pct(r.get("useful_fraction_of_peak"), 2),
+                             _pct(r.get("bandwidth_fraction"), 0), r.get("precision") or r.get("dtype"),
                              fmt_num(r.get("executed_flops"), "FLOP"), fmt_num(r.get("peak_mem_bytes"), "B"),
                              r.get("chunk_size") or "-",
                              "-" if r.get("fitness_rel_err") is None else f"{r['fitness_rel_err']:.1e}",
@@ -148,7 +153,7 @@ def scoring_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, grp in _groups(rows, SCORING_KEYS).items():
+    for _key, grp in _groups(rows, SCORING_KEYS).items():
         r0 = grp[0]
         fig, ax = plt.subplots(figsize=(6, 4))
         for e in OrderedDict.fromkeys(r["engine"] for r in grp):
@@ -187,7 +192,7 @@ def training_markdown(rows: list[dict]) -> list[str]:
            "FLOPs (live sub-network, forward + backward) per second / peak; `exec % peak` counts what ran "
            "(masked = the dense step). Compile time (first step minus a timed step, Inductor's on-disk caches "
            "off) is reported separately; a configuration compiled earlier in the same run reuses its graph.", ""]
-    for key, grp in _groups(rows, TRAINING_KEYS).items():
+    for _key, grp in _groups(rows, TRAINING_KEYS).items():
         r0 = grp[0]
         out += [f"### {r0['model']}, batch {r0['batch']}, {r0['in_channels']}x{r0['image_size']}x{r0['image_size']} "
                 f"(preset `{r0['preset']}`)", "", _env_line(grp), ""]
@@ -209,11 +214,12 @@ def training_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, grp in _groups(rows, TRAINING_KEYS).items():
+    for _key, grp in _groups(rows, TRAINING_KEYS).items():
         r0 = grp[0]
         fig, ax = plt.subplots(figsize=(6, 4))
         dense = {(r["dtype"], r["compiled"]): r for r in grp if r["variant"] == "dense" and r.get("images_per_s")}
-        for (dt, comp, var) in sorted({(r["dtype"], r["compiled"], r["variant"]) for r in grp if r["variant"] != "dense"}):
+        kinds = sorted({(r["dtype"], r["compiled"], r["variant"]) for r in grp if r["variant"] != "dense"})
+        for (dt, comp, var) in kinds:
             pts = sorted((r["eta"], r["images_per_s"]) for r in grp if (r["dtype"], r["compiled"], r["variant"]) ==
                          (dt, comp, var) and r.get("images_per_s"))
             if (dt, comp) in dense:
@@ -242,7 +248,7 @@ def pipeline_markdown(rows: list[dict]) -> list[str]:
            "Wall time and FLOPs per phase as the library measures them (`SearchResult.wall_time_s`, "
            "`TrainResult.phases`); search FLOPs: useful (live sub-networks) and executed (what the engine "
            "ran); shares are of the run's total wall time and executed FLOPs.", ""]
-    for rid, grp in _groups(rows, ("run_id",)).items():
+    for _rid, grp in _groups(rows, ("run_id",)).items():
         r0 = grp[0]
         out += [f"### {r0['model']} on {r0['dataset']} ({r0['train_size']} train / {r0['test_size']} test images), "
                 f"eta={r0['eta']:g}, P={r0['population']} x {r0['generations']} generations on {r0['search_batch']} "
@@ -271,7 +277,7 @@ def pipeline_plot(rows: list[dict], out_dir: Path) -> list[Path]:
         return []
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(runs) + 2), 4))
     labels, bottoms = [], [0.0] * len(runs)
-    for i, (rid, grp) in enumerate(runs.items()):
+    for _i, (_rid, grp) in enumerate(runs.items()):
         r0 = grp[0]
         labels.append(f"{r0['model']}\neta={r0['eta']:g} P={r0['population']}\n{r0.get('env', {}).get('device_type')}")
     colors = {"search": "tab:orange", "training": "tab:blue", "evaluation": "tab:green"}
@@ -294,13 +300,44 @@ def pipeline_plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return [p]
 
 
+# ------------------------------------------------------------------------------------ kernels, gpu
+def kernels_markdown(rows: list[dict]) -> list[str]:
+    out = ["## Kernels", "",
+           "Median of interleaved CUDA-event timings; conv: useful FLOP/s of the live channels and its fraction "
+           "of the peak of the precision that ran, speedup over cuDNN's grouped convolution on the same compacted "
+           "work; epilogues: bytes moved per second against a device copy (`vs copy`).", ""]
+    for _key, grp in _groups(rows, ("run_id", "op")).items():
+        r0 = grp[0]
+        out += [f"### {r0['op']} (P={r0['members']}, B={r0['batch']}, {r0['precision']}, preset `{r0['preset']}`)",
+                "", _env_line(grp), ""]
+        head = ["stage", "layout", "eta", "K", "method", "median", "useful FLOP/s", "% peak", "bytes/s", "% bw",
+                "vs copy", "x cuDNN grouped", "note"]
+        body = [[r["stage"], r["layout"], "-" if r.get("eta") is None else f"{r['eta']:g}", r["K"], r["method"],
+                 fmt_s(_med(r)), fmt_num(r.get("useful_flops_per_s"), "FLOP/s"), _pct(r.get("flops_fraction_of_peak")),
+                 fmt_num(r.get("bytes_per_s"), "B/s"), _pct(r.get("bandwidth_fraction"), 0),
+                 "-" if not r.get("vs_copy") else f"{r['vs_copy']:.2f}", _x(r.get("speedup_vs_cudnn_grouped")),
+                 "" if r.get("status") == "ok" else f"{r.get('status')} {r.get('note', '')[:60]}"] for r in grp]
+        out += _table(head, body) + [""]
+    return out
+
+
+def gpu_markdown(rows: list[dict]) -> list[str]:
+    out = ["## `python -m bench gpu` steps", ""]
+    for _key, grp in _groups(rows, ("run_id",)).items():
+        out += [_env_line(grp), ""]
+        out += _table(["step", "status", "wall", "budget", "note"],
+                      [[r["step"], r["status"], fmt_s(r.get("wall_s")), fmt_s(r.get("budget_s")),
+                        (r.get("note") or "")[:80]] for r in grp]) + [""]
+    return out
+
+
 # ------------------------------------------------------------------------------------ entry
 def build_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, md_path: str | os.PathLike | None = None,
                  all_runs: bool = False, plots: bool = True) -> tuple[Path, list[Path]]:
     """Render the results in ``paths`` (JSONL files) to Markdown (and PNGs in ``out_dir``)."""
     paths = [Path(p) for p in paths]
     if not paths:
-        raise SystemExit("bench report: no results files (run `fastweedout bench scoring --quick` first)")
+        raise SystemExit("bench report: no results files (run `python -m bench scoring --quick` first)")
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"bench report: no such results file(s): {missing}")
@@ -314,7 +351,7 @@ def build_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, md_
         by[r["bench"]].append(r)
     conv = next((r.get("flops_convention") for r in rows if r.get("flops_convention")), "")
     md = ["# fastweedout benchmark results", "",
-          f"Generated by `fastweedout bench report` from {', '.join(p.name for p in paths)}"
+          f"Generated by `python -m bench report` from {', '.join(p.name for p in paths)}"
           f"{' (all runs)' if all_runs else ' (latest run of each benchmark, preset and device)'}.", "",
           f"FLOP convention: {conv}. Peaks: GPUs at their datasheet dense figure (989 TFLOP/s bf16 for "
           "H100/H200); CPUs at a measured large fp32 matmul (recorded per run).", ""]
@@ -334,6 +371,10 @@ def build_report(paths: list[str | os.PathLike], out_dir: str | os.PathLike, md_
         md += pipeline_markdown(by["pipeline"])
         if plots:
             figs += pipeline_plot(by["pipeline"], out_dir)
+    if by.get("kernels"):
+        md += kernels_markdown(by["kernels"])
+    if by.get("gpu"):
+        md += gpu_markdown(by["gpu"])
     if figs:
         md += ["## Plots", ""] + [f"![{f.stem}]({os.path.relpath(f, Path(md_path or out_dir / 'README.md').parent)})"
                                   for f in figs] + [""]

@@ -13,32 +13,52 @@ Methods (the ``engine`` column):
 * ``folded-compile``: the folded engine's forward + fitness under ``torch.compile`` (Inductor);
   compile time is measured on the first call and reported separately.
 
+On a GPU every method runs channels_last (the model's weights and the images; the engines keep it),
+so the baselines are as fair as the engines.
+
 Every method scores the same masks on the same images; its fitness is compared with ``loop``'s
 (``fitness_rel_err``). Reports time (median, quartiles, min/max of interleaved repeats; CPU time on
 CPU), members x images per second, useful and executed FLOPs (``fastweedout.flops.scoring_flops``;
-2 FLOPs per multiply-add) per second, the useful FLOP/s as a fraction of the device's peak, peak
-memory, and the speedup over ``loop`` (wall time, and CPU time on CPU).
+2 FLOPs per multiply-add) per second, bytes moved (``fastweedout.flops.scoring_bytes``) per second,
+both roofline ratios (useful FLOP/s / the compute peak *of the precision that ran*, bytes/s / the
+memory bandwidth), peak memory, and the speedup over ``loop`` (wall time, and CPU time on CPU).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 import fastweedout as fw
 from fastweedout import ops
-from fastweedout.engines import FoldedBackend
-from fastweedout.flops import scoring_flops
 from fastweedout.backend import MaskedBackend
+from fastweedout.engines import FoldedBackend, pad_multiple
+from fastweedout.flops import scoring_bytes, scoring_flops
 from fastweedout.scoring import auto_chunk, member_losses, score_population
 
-from .common import (Env, PeakMemory, Record, Timing, append_jsonl, cold_compile, device_peak, fmt_num, fmt_s,
-                     interleaved, load_average, progress, run_id, sync)
+from .common import (
+    Env,
+    PeakMemory,
+    Record,
+    Timing,
+    append_jsonl,
+    cold_compile,
+    device_peak,
+    fmt_num,
+    fmt_s,
+    interleaved,
+    load_average,
+    precision,
+    progress,
+    roofline,
+    run_id,
+    sync,
+)
 
 CORE_ENGINES = ("loop", "folded", "compact")
 TRITON_ENGINES = ("folded-triton", "compact-triton")
@@ -67,6 +87,10 @@ class ScoringConfig:
     warmup: int = 0  # untimed calls after the first (which always warms up) and before the memory call
     chunk_size: int | None = None  # None: each engine's automatic chunking
     compile_max_population: int = 100  # skip folded-compile above this (compile time grows with P)
+    compile_backend: str = "inductor"  # aot_eager: checks the compiled baseline's path quickly (dry runs)
+    channels_last: bool | None = None  # None: on CUDA
+    memory_call: bool = True  # one extra untimed call measures peak memory (False: the first call does)
+    interpreter_ok: bool = False  # run the Triton variants under Triton's interpreter too (dry runs: checks the path)
     seed: int = 0
     preset: str = "custom"
 
@@ -98,7 +122,13 @@ class ScoringRecord(Record):
     executed_flops: int = 0
     useful_flops_per_s: float | None = None
     executed_flops_per_s: float | None = None
-    useful_fraction_of_peak: float | None = None
+    useful_fraction_of_peak: float | None = None  # useful FLOP/s / the peak of this row's precision
+    peak_flops_per_s: float | None = None  # that peak
+    bytes_moved: int | None = None  # per call (fastweedout.flops.scoring_bytes; None: no model for this method)
+    bytes_per_s: float | None = None
+    bandwidth_fraction: float | None = None  # bytes/s / the device's memory bandwidth
+    peak_bytes_per_s: float | None = None
+    channels_last: bool = False
     peak_mem_bytes: int | None = None
     mem_kind: str = ""
     speedup_vs_loop: float | None = None  # loop median wall / this median wall
@@ -149,14 +179,15 @@ def make_vmap_scorer(model, masks, x, y, bn, metric, chunk) -> Callable[[], torc
     return run
 
 
-def make_compiled_folded(model, masks, x, y, bn, metric, chunk) -> Callable[[], torch.Tensor]:
+def make_compiled_folded(model, masks, x, y, bn, metric, chunk,
+                         backend: str = "inductor") -> Callable[[], torch.Tensor]:
     bsz = x.shape[0]
 
     def fitness(xb, yb, fm, p: int):
         return member_losses(model.walk(FoldedBackend(fm, bn, p, bsz), xb), yb, metric)
 
     cold_compile()
-    compiled = torch.compile(fitness, dynamic=False)
+    compiled = torch.compile(fitness, dynamic=False, backend=backend)
     parts = [_float_masks(masks, lo, hi, x.device, x.dtype) for lo, hi in _even_chunks(masks.population, chunk)]
 
     @torch.no_grad()
@@ -172,22 +203,22 @@ def make_engine(model, masks, x, y, engine, bn, metric, chunk_size) -> Callable[
 
     @torch.no_grad()
     def run():
-        with ops.use_kernels(True if triton else False):
+        with ops.use_kernels(triton):
             return score_population(model, masks, x, y, engine=base, metric=metric, bn=bn, chunk_size=chunk_size)
 
     return run
 
 
-def triton_status(device: torch.device) -> tuple[bool, str]:
-    """(whether the Triton engine variants run natively here, why not)."""
-    if device.type != "cuda":
+def triton_status(device: torch.device, interpreter_ok: bool = False) -> tuple[bool, str]:
+    """(whether the Triton engine variants run here, why not)."""
+    if device.type != "cuda" and not interpreter_ok:
         return False, "no CUDA device: the Triton kernels would run in the interpreter (not a benchmark)"
     try:
         with ops.use_kernels(True):
             ok = ops.kernels_active(torch.empty(1, 1, 1, 1, device=device))
     except Exception as e:  # pragma: no cover - depends on the install
         return False, f"kernels unavailable: {e!r}"
-    return bool(ok), "" if ok else "fastweedout.kernels do not support this device/dtype"
+    return bool(ok), "" if ok else "fastweedout.kernels do not run on this device/dtype"
 
 
 def engines_here(cfg: ScoringConfig, device: torch.device) -> tuple[list[str], dict[str, str]]:
@@ -199,7 +230,7 @@ def engines_here(cfg: ScoringConfig, device: torch.device) -> tuple[list[str], d
     if "loop" not in want:
         want.insert(0, "loop")  # every row's speedup and error are against loop
     skipped = {}
-    ok, why = triton_status(device)
+    ok, why = triton_status(device, cfg.interpreter_ok)
     if not ok:
         for e in TRITON_ENGINES:
             if e in want:
@@ -209,14 +240,18 @@ def engines_here(cfg: ScoringConfig, device: torch.device) -> tuple[list[str], d
 
 
 # ------------------------------------------------------------------------------------ the run
-def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bool = False) -> list[ScoringRecord]:
+def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bool = False,
+                deadline: float | None = None) -> list[ScoringRecord]:
+    """Every configuration of ``cfg``; rows appended to ``out_path`` after each configuration.
+    ``deadline`` (``time.monotonic()``): configurations not started by then are recorded as skipped."""
     dtype = getattr(torch, cfg.dtype)
     peak = device_peak(device, dtype)
     env = Env.capture(device, peak)
     rid = run_id()
     engines, skipped = engines_here(cfg, device)
+    cl = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     progress(f"[scoring] device={env.device} threads={env.threads} peak={fmt_num(peak.flops_per_s, 'FLOP/s')} "
-             f"({peak.source}) engines={engines} skipped={list(skipped)} load={load_average()}", quiet)
+             f"{peak.dtype} ({peak.source}) engines={engines} skipped={list(skipped)} load={load_average()}", quiet)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     all_rows: list[ScoringRecord] = []
@@ -227,10 +262,18 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
         x = torch.randn(cfg.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
         y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
+        if cl:  # fair baselines: cuDNN's NHWC convolutions for loop and folded too
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         for p in cfg.populations:
             for eta in cfg.etas:
                 masks = fw.sample_masks(model, p, eta, cfg.mode, torch.Generator().manual_seed(cfg.seed + 1))
-                rows = _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet)
+                if deadline is not None and time.monotonic() > deadline:
+                    rows = _skipped_rows(cfg, model, name, masks, x, eta, engines + list(skipped), env, rid,
+                                         "time budget spent before this configuration")
+                else:
+                    rows = _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet,
+                                       cl)
                 append_jsonl(out_path, rows)
                 all_rows.extend(rows)
                 if not quiet:
@@ -239,24 +282,51 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
     return all_rows
 
 
-def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet):
-    p, b = masks.population, x.shape[0]
-    hw = (cfg.image_size, cfg.image_size)
-    load0 = load_average()
-    base = dict(bench="scoring", preset=cfg.preset, run_id=rid, env=vars(env), load_avg_before=load0,
-                load_avg_after=None, model=name, depth=model.depth, width=model.width, population=p, batch=b,
-                image_size=cfg.image_size, in_channels=cfg.in_channels, eta=eta,
+def _base(cfg, model, name, masks, x, eta, env, rid, cl) -> dict:
+    return dict(bench="scoring", preset=cfg.preset, run_id=rid, env=vars(env), load_avg_before=load_average(),
+                load_avg_after=None, model=name, depth=model.depth, width=model.width, population=masks.population,
+                batch=x.shape[0], image_size=cfg.image_size, in_channels=cfg.in_channels, eta=eta,
                 mask_sparsity=round(masks.sparsity(), 6), mode=cfg.mode, bn=cfg.bn, metric=cfg.metric,
-                dtype=cfg.dtype, warmup=cfg.warmup)
+                dtype=cfg.dtype, warmup=cfg.warmup, precision=precision(x.dtype, x.device), channels_last=cl)
+
+
+def _work(model, masks, x, e: str, bn: str) -> tuple[dict, dict | None, str]:
+    """(FLOPs, bytes, rule) of one method: the compact Triton engine runs widths padded to 16."""
+    rule = FLOPS_RULE[e]
+    triton = e.endswith("-triton")
+    with ops.use_kernels(triton):  # the switch make_engine runs the method under
+        pad = pad_multiple(x.device, x.dtype) if rule == "compact" else 1
+    hw = (x.shape[2], x.shape[3])
+    fl = scoring_flops(model, masks, x.shape[0], hw, rule, pad_multiple=pad)
+    by = None if e == "folded-compile" else scoring_bytes(model, masks, x.shape[0], hw, rule, bn=bn, kernels=triton,
+                                                           element_size=x.element_size(), pad_multiple=pad)
+    return fl, by, rule
+
+
+def _skipped_rows(cfg, model, name, masks, x, eta, engines, env, rid, why):
+    base = _base(cfg, model, name, masks, x, eta, env, rid, False)
+    rows = []
+    for e in engines:
+        fl, by, rule = _work(model, masks, x, e, cfg.bn)
+        rows.append(ScoringRecord(**base, engine=e, flops_rule=rule, useful_flops=fl["useful"],
+                                  executed_flops=fl["executed"], bytes_moved=by and by["total"], status="skipped",
+                                  note=why))
+    return rows
+
+
+def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet, cl):
+    p, b = masks.population, x.shape[0]
+    base = _base(cfg, model, name, masks, x, eta, env, rid, cl)
+    peak = device_peak(device, x.dtype)
     rows: dict[str, ScoringRecord] = {}
     fns: dict[str, Callable] = {}
     fitness: dict[str, torch.Tensor] = {}
     folded_chunk = cfg.chunk_size or auto_chunk(model, x, "folded", masks)
     for e in engines:
-        rule = FLOPS_RULE[e]
-        fl = scoring_flops(model, masks, b, hw, rule)
-        row = ScoringRecord(**base, engine=e, flops_rule=rule, useful_flops=fl["useful"],
-                            executed_flops=fl["executed"])
+        fl, by, rule = _work(model, masks, x, e, cfg.bn)
+        row = ScoringRecord(**base, engine=e, flops_rule=rule, useful_flops=fl["useful"], executed_flops=fl["executed"],
+                            bytes_moved=by and by["total"], peak_flops_per_s=peak.flops_per_s,
+                            peak_bytes_per_s=peak.bytes_per_s)
         rows[e] = row
         try:
             if e == "torch.func":
@@ -266,22 +336,29 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
                 if p > cfg.compile_max_population:
                     row.status, row.note = "skipped", f"P={p} > compile_max_population={cfg.compile_max_population}"
                     continue
-                fn = make_compiled_folded(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk)
+                fn = make_compiled_folded(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk, cfg.compile_backend)
                 row.chunk_size = folded_chunk
+                if cfg.compile_backend != "inductor":
+                    row.note = f"torch.compile backend {cfg.compile_backend}"
             else:
                 fn = make_engine(model, masks, x, y, e, cfg.bn, cfg.metric, cfg.chunk_size)
-                row.chunk_size = cfg.chunk_size or auto_chunk(model, x, e.replace("-triton", ""), masks)
+                with ops.use_kernels(e.endswith("-triton")):
+                    row.chunk_size = cfg.chunk_size or auto_chunk(model, x, e.replace("-triton", ""), masks)
             # The first call warms up (compilation, autotuning, allocator) and is timed on its own;
-            # then `warmup` more calls, then one call measured for peak memory (never timed).
-            t0 = time.perf_counter()
-            fitness[e] = fn()
-            sync(device)
-            row.first_call_s = time.perf_counter() - t0
+            # then `warmup` more calls, then (memory_call) one call measured for peak memory (never timed).
+            with PeakMemory(device, exact=e != "folded-compile") as pm0:
+                t0 = time.perf_counter()
+                fitness[e] = fn()
+                sync(device)
+                row.first_call_s = time.perf_counter() - t0
             for _ in range(cfg.warmup):
                 fn()
-            with PeakMemory(device, exact=e != "folded-compile") as pm:
-                fn()
-            row.peak_mem_bytes, row.mem_kind = pm.bytes, pm.kind
+            if cfg.memory_call:
+                with PeakMemory(device, exact=e != "folded-compile") as pm:
+                    fn()
+                row.peak_mem_bytes, row.mem_kind = pm.bytes, pm.kind
+            else:
+                row.peak_mem_bytes, row.mem_kind = pm0.bytes, pm0.kind + " (first call)"
             fns[e] = fn
             progress(f"  [{name} P={p} eta={eta}] {e}: first call {fmt_s(row.first_call_s)}", quiet)
         except Exception as exc:  # a method that cannot run here (OOM, compiler error) is recorded, not fatal
@@ -295,8 +372,6 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
     ref = fitness.get("loop")
     for e, row in rows.items():
         row.load_avg_after = load1
-        if e in skipped:
-            continue
         t: Timing | None = timings.get(e)
         if t is None:
             continue
@@ -305,7 +380,9 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
         row.members_images_per_s = p * b / med
         row.useful_flops_per_s = row.useful_flops / med
         row.executed_flops_per_s = row.executed_flops / med
-        row.useful_fraction_of_peak = row.useful_flops_per_s / env.peak_flops_per_s
+        rl = roofline(row.useful_flops, row.bytes_moved, med, peak)
+        row.useful_fraction_of_peak = rl["flops_fraction_of_peak"]
+        row.bytes_per_s, row.bandwidth_fraction = rl["bytes_per_s"], rl["bandwidth_fraction"]
         if row.first_call_s is not None and e == "folded-compile":
             row.compile_s = max(0.0, row.first_call_s - med)
         if ref is not None and e in fitness:
@@ -320,10 +397,10 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
                     row.cpu_speedup_vs_loop = lt.cpu_median_s / timings[e].cpu_median_s
     out = list(rows.values())
     for e, why in skipped.items():
-        fl = scoring_flops(model, masks, b, hw, FLOPS_RULE[e])
-        out.append(ScoringRecord(**{**base, "load_avg_after": load1}, engine=e, flops_rule=FLOPS_RULE[e],
-                                 useful_flops=fl["useful"], executed_flops=fl["executed"], status="skipped",
-                                 note=why))
+        fl, by, rule = _work(model, masks, x, e, cfg.bn)
+        out.append(ScoringRecord(**{**base, "load_avg_after": load1}, engine=e, flops_rule=rule,
+                                 useful_flops=fl["useful"], executed_flops=fl["executed"],
+                                 bytes_moved=by and by["total"], status="skipped", note=why))
     return out
 
 
@@ -339,10 +416,11 @@ def format_table(rows: list[ScoringRecord | dict]) -> str:
         return ""
     r0 = rows[0]
     head = (f"{r0['model']}  P={r0['population']}  B={r0['batch']}  {r0['in_channels']}x{r0['image_size']}x"
-            f"{r0['image_size']}  eta={r0['eta']}  bn={r0['bn']}  {r0['dtype']}  load {r0['load_avg_before']}"
+            f"{r0['image_size']}  eta={r0['eta']}  bn={r0['bn']}  {r0['dtype']} ({r0.get('precision')})  load "
+            f"{r0['load_avg_before']}"
             f" -> {r0['load_avg_after']}")
     lines = [head, f"  {'engine':<15}{'median':>10}{'IQR':>6}{'cpu':>10}{'x loop':>8}{'cpu x':>7}"
-                   f"{'memb*img/s':>11}{'useful':>14}{'%peak':>7}{'mem':>10}{'err':>9}  note"]
+                   f"{'memb*img/s':>11}{'useful':>14}{'%peak':>7}{'%bw':>6}{'mem':>10}{'err':>9}  note"]
     for r in rows:
         t = r.get("timing") or {}
         med = t.get("median_s")
@@ -352,7 +430,9 @@ def format_table(rows: list[ScoringRecord | dict]) -> str:
             f"  {r['engine']:<15}{fmt_s(med):>10}{_f(iqr, '.0%'):>6}{fmt_s(t.get('cpu_median_s')):>10}"
             f"{_f(r.get('speedup_vs_loop'), '.2f'):>8}{_f(r.get('cpu_speedup_vs_loop'), '.2f'):>7}"
             f"{fmt_num(r.get('members_images_per_s')):>11}{fmt_num(r.get('useful_flops_per_s'), 'FLOP/s'):>14}"
-            f"{_f(None if frac is None else 100 * frac, '.1f'):>7}{fmt_num(r.get('peak_mem_bytes'), 'B'):>10}"
+            f"{_f(None if frac is None else 100 * frac, '.1f'):>7}"
+            f"{_f(None if r.get('bandwidth_fraction') is None else 100 * r['bandwidth_fraction'], '.0f'):>6}"
+            f"{fmt_num(r.get('peak_mem_bytes'), 'B'):>10}"
             f"{_f(r.get('fitness_rel_err'), '.1e'):>9}"
             f"  {'' if r['status'] == 'ok' else r['status']} {(r.get('note') or '')[:70]}")
     return "\n".join(lines)

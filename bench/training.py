@@ -2,12 +2,12 @@
 eager vs ``torch.compile``, fp32 vs bf16 autocast (GPU), with model FLOPs utilisation.
 
 A step is what ``fastweedout.training`` runs: forward (under bf16 autocast when asked), fp32
-cross-entropy, backward, SGD with Nesterov momentum and weight decay (``train.make_optimizer``),
+cross-entropy, backward, SGD with Nesterov momentum and weight decay (``fastweedout.training.make_optimizer``),
 on a batch resident on the device (channels_last on GPU). Variants:
 
 * ``dense``: the full network (eta = 0);
 * ``pruned``: ``model.prune(mask)``, the physically smaller network ``train()`` trains by default;
-* ``masked``: the full network under the mask (``train.MaskedNet``, ``TrainConfig(masked=True)``).
+* ``masked``: the full network under the mask (``fastweedout.training.MaskedNet``, ``TrainConfig(masked=True)``).
 
 MFU = useful FLOPs of the step (forward + backward of the live sub-network,
 ``fastweedout.flops.training_flops``; 2 FLOPs per multiply-add) per second / the device's peak;
@@ -26,8 +26,22 @@ import fastweedout as fw
 from fastweedout.flops import training_flops
 from fastweedout.training import MaskedNet, TrainConfig, criterion, make_optimizer
 
-from .common import (Env, PeakMemory, Record, append_jsonl, cold_compile, device_peak, fmt_num, fmt_s,
-                     interleaved, load_average, progress, run_id, sync)
+from .common import (
+    Env,
+    PeakMemory,
+    Record,
+    append_jsonl,
+    cold_compile,
+    device_peak,
+    fmt_num,
+    fmt_s,
+    interleaved,
+    load_average,
+    precision,
+    progress,
+    run_id,
+    sync,
+)
 
 VARIANTS = ("dense", "pruned", "masked")
 
@@ -46,6 +60,7 @@ class TrainingConfig:
     dtypes: list[str] | None = None  # None: float32 on CPU; float32 and bfloat16 on GPU
     repeats: int = 5
     warmup: int = 2
+    compile_backend: str = "inductor"  # aot_eager: checks the compiled path quickly (dry runs)
     seed: int = 0
     preset: str = "custom"
 
@@ -78,8 +93,8 @@ class TrainingRecord(Record):
     speedup_vs_dense: float | None = None  # dense step time (same dtype, same compile) / this one
 
 
-def _make_step(net, device, amp_dtype, compiled, channels_last, lr=0.05):
-    cfg = TrainConfig(epochs=1, lr=lr, device=str(device))
+def _make_step(net, device, amp_dtype, compiled, channels_last, lr=0.05, backend="inductor"):
+    cfg = TrainConfig(epochs=1, lr=lr)
     net = net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -87,7 +102,7 @@ def _make_step(net, device, amp_dtype, compiled, channels_last, lr=0.05):
     opt = make_optimizer(net, cfg)
     if compiled:
         cold_compile()
-    fwd = torch.compile(net) if compiled else net
+    fwd = torch.compile(net, backend=backend) if compiled else net
     amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
 
     def step(x, y):
@@ -102,7 +117,10 @@ def _make_step(net, device, amp_dtype, compiled, channels_last, lr=0.05):
     return step, net
 
 
-def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: bool = False) -> list[TrainingRecord]:
+def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: bool = False,
+                 deadline: float | None = None) -> list[TrainingRecord]:
+    """Every (model, dtype, eta) group; rows appended to ``out_path`` after each group. Groups not
+    started by ``deadline`` (``time.monotonic()``) are left out (the summary says so)."""
     cuda = device.type == "cuda"
     dtypes = cfg.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
     compile_modes = cfg.compile_modes if cfg.compile_modes is not None else [False, True]
@@ -124,6 +142,9 @@ def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: 
             env = Env.capture(device, peaks[dt])
             dense_times: dict[bool, float] = {}
             for eta in sorted(cfg.etas):  # dense (eta 0) first: the reference of speedup_vs_dense
+                if deadline is not None and time.monotonic() > deadline:
+                    progress(f"  [{name} {dt} eta={eta}] skipped: time budget spent", quiet)
+                    continue
                 # eta = 0 is the dense network (pruned = masked = dense there); eta > 0: pruned / masked.
                 variants = ["dense"] if eta == 0.0 else [v for v in (cfg.variants or VARIANTS) if v != "dense"]
                 mask = None if eta == 0.0 else fw.sample_masks(
@@ -161,10 +182,12 @@ def _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, x,
                 load_avg_after=None, model=name, depth=base_model.depth, width=base_model.width, batch=cfg.batch,
                 image_size=cfg.image_size, in_channels=cfg.in_channels, eta=eta, variant=variant,
                 compiled=compiled, dtype=dt, channels_last=cuda, useful_flops_per_image=fl["useful"],
+                precision=precision(getattr(torch, dt), device),
                 executed_flops_per_image=fl["executed"])
             rows[key] = row
             try:
-                step, run_net = _make_step(_copy(net), device, amp_dtype, compiled, cuda)
+                step, run_net = _make_step(_copy(net), device, amp_dtype, compiled, cuda,
+                                           backend=cfg.compile_backend)
                 row.params = sum(p.numel() for p in run_net.parameters())
                 t0 = time.perf_counter()
                 step(x, y)

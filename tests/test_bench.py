@@ -1,7 +1,11 @@
-"""The benchmark suite (fastweedout.bench): the runner end to end on tiny shapes, its records, the report."""
+"""The benchmark scripts (``python -m bench``, the repository's bench/ directory): the runner end to end on
+tiny shapes, the one GPU command's dry run, its records, the report, the command line."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastweedout.bench import cli
-from fastweedout.bench.common import Record, Timing, append_jsonl, read_jsonl
-from fastweedout.bench.report import build_report, latest_runs
+from bench import cli
+from bench.common import Record, Timing, append_jsonl, read_jsonl
+from bench.report import build_report, latest_runs
 
 SAMPLE = Path(__file__).parent / "data" / "bench_results_sample.jsonl"
-ENV_KEYS = {"device", "device_type", "peak_flops_per_s", "peak_dtype", "peak_source", "torch", "triton", "git_rev",
-            "date", "threads"}
+ROOT = Path(__file__).resolve().parents[1]
+ENV_KEYS = {"device", "device_type", "peak_flops_per_s", "peak_dtype", "peak_source", "peak_bytes_per_s", "torch",
+            "triton", "cuda", "python", "git_rev", "git_dirty", "date", "threads"}
 COMMON_KEYS = {"bench", "preset", "run_id", "env", "load_avg_before", "load_avg_after", "status", "note",
-               "flops_convention", "schema"}
+               "precision", "flops_convention", "schema"}
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def _rows(path: Path) -> list[dict]:
 
 def _check_common(r: dict, bench: str, preset: str) -> None:
     assert COMMON_KEYS <= set(r), COMMON_KEYS - set(r)
-    assert r["bench"] == bench and r["preset"] == preset and r["schema"] == "fastweedout.bench/1"
+    assert r["bench"] == bench and r["preset"] == preset and r["schema"] == "fastweedout.bench/2"
     assert ENV_KEYS <= set(r["env"]), ENV_KEYS - set(r["env"])
     assert r["env"]["peak_flops_per_s"] > 0 and r["env"]["torch"] == torch.__version__
     assert "2 FLOPs" in r["flops_convention"]
@@ -50,7 +55,7 @@ def _check_timing(t: dict) -> None:
 
 
 def test_all_smoke_end_to_end(tmp_path, one_thread):
-    """`fastweedout bench all --smoke`: every benchmark runs on tiny shapes, rows are well formed, report renders."""
+    """`python -m bench all --smoke`: every benchmark runs on tiny shapes, rows are well formed, report renders."""
     assert cli.main(["all", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
 
     scoring = _rows(tmp_path / "scoring.jsonl")
@@ -70,6 +75,11 @@ def test_all_smoke_end_to_end(tmp_path, one_thread):
         assert r["members_images_per_s"] == pytest.approx(3 * 4 / r["timing"]["median_s"])
         assert r["useful_flops_per_s"] == pytest.approx(r["useful_flops"] / r["timing"]["median_s"])
         assert 0 < r["useful_fraction_of_peak"] < 1
+        assert r["precision"] in (("tf32", "fp32") if torch.cuda.is_available() else ("fp32",))
+        if r["engine"] != "folded-compile":  # bytes moved and the bandwidth roofline beside the FLOPs
+            assert r["bytes_moved"] > 0
+            assert r["bytes_per_s"] == pytest.approx(r["bytes_moved"] / r["timing"]["median_s"])
+            assert 0 < r["bandwidth_fraction"] < 10
         assert r["fitness_rel_err"] < 1e-4  # every method scores the same masks as loop
         kind = "cuda_max_allocated" if torch.cuda.is_available() else "cpu_live_tensors"
         assert r["peak_mem_bytes"] > 0 and r["mem_kind"] == kind
@@ -154,10 +164,70 @@ def test_report_keeps_latest_run_and_rejects_garbage(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_full_preset_fails_clearly_without_gpu(tmp_path, capsys):
-    for cmd in ("all", "scoring", "training", "pipeline"):
-        assert cli.main([cmd, "--full", "--out", str(tmp_path)]) == 2
-        assert "needs a CUDA device" in capsys.readouterr().err
+    for cmd in (["all", "--full"], ["scoring", "--full"], ["training", "--full"], ["pipeline", "--full"], ["gpu"],
+                ["kernels"]):
+        assert cli.main([*cmd, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "needs a CUDA device" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing was run or written
+
+
+def _bench(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bad_option_is_one_line_and_exit_2():
+    for args in (["--bad-option"], ["scoring", "--bad"], ["gpu", "--skip", "nope"], ["scoring", "--repeats", "x"]):
+        r = _bench(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("python -m bench"), r.stderr
+        assert not r.stdout
+
+
+def test_no_command_runs_everything(monkeypatch):
+    """`python -m bench --quick` is `all --quick`; no argument at all prints the usage."""
+    seen = []
+    monkeypatch.setattr(cli, "cmd_all", lambda args: seen.append(args) or 0)
+    assert cli.main(["--quick", "--out", "x"]) == 0
+    assert seen and seen[0].cmd == "all" and seen[0].quick and seen[0].out == "x"
+    assert cli.main([]) == 0 and len(seen) == 1
+
+
+def test_gpu_dry_run(tmp_path, one_thread, capsys):
+    """`python -m bench gpu --dry-run`: the GPU command's steps on tiny shapes on CPU (Triton through the
+    interpreter): JSONL written per step, with device, versions, git revision, precision and both roofline
+    ratios, and one summary table."""
+    rc = cli.main(["gpu", "--dry-run", "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    steps = _rows(tmp_path / "gpu.jsonl")
+    assert [r["step"] for r in steps] == ["tests", "kernels", "scoring", "training"]
+    assert rc == 0, [(r["step"], r["status"], r["note"]) for r in steps]
+    for r in steps:
+        _check_common(r, "gpu", "gpu-dry-run")
+        assert r["status"] == "ok" and r["wall_s"] > 0
+    assert steps[0]["summary"]["counts"]["passed"] >= 1
+    kern = _rows(tmp_path / "kernels.jsonl")
+    assert {(r["op"], r["method"]) for r in kern} >= {("conv", "cudnn_grouped"), ("conv", "triton"),
+                                                       ("conv", "triton_fused"), ("conv", "dense_folded"),
+                                                       ("epilogue", "copy"), ("epilogue", "bn_batch")}
+    for r in kern:
+        _check_common(r, "kernels", "gpu-dry-run")
+        assert r["status"] == "ok", r["note"]
+        assert r["bandwidth_fraction"] > 0 and r["bytes_moved"] > 0
+        if r["op"] == "conv":
+            assert r["flops_fraction_of_peak"] > 0 and r["speedup_vs_cudnn_grouped"] > 0
+    scoring = _rows(tmp_path / "scoring.jsonl")
+    assert {r["engine"] for r in scoring if r["status"] == "ok"} == {
+        "loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func", "folded-compile"}
+    for r in scoring:
+        _check_common(r, "scoring", "gpu-dry-run")
+        assert r["env"]["git_rev"] and r["env"]["torch"] and r["precision"] == "fp32"
+        assert r["useful_fraction_of_peak"] > 0 and r["fitness_rel_err"] < 1e-4
+    training = _rows(tmp_path / "training.jsonl")
+    assert {r["variant"] for r in training} == {"dense", "pruned"} and all(r["compiled"] for r in training)
+    assert "== bench gpu --dry-run" in out and "compact-triton / folded" in out
 
 
 def test_append_jsonl_is_atomic_per_row(tmp_path):

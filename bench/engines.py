@@ -1,19 +1,16 @@
-"""Issue 2's CPU engine benchmark: loop vs folded vs compact (and the Triton variants on a GPU) for
-WRN-16-4, P=16 members, 64 images 3x32x32, eta in {0, 0.4, 0.8}, side by side in one run.
+"""The CPU engine table: loop vs folded vs compact (and the Triton variants on a GPU) for WRN-16-4,
+P=16 members, 64 images 3x32x32, eta in {0, 0.4, 0.8}, side by side in one run.
 
-    python bench/bench_engines.py [--threads N] [--repeats N] [--out DIR]
-    fastweedout bench engines ...                  (the same)
+    python -m bench engines [--threads N] [--repeats N] [--out DIR] [--profile]
 
 Targets on the 2-core CPU: ``compact`` >= 3x faster than ``loop`` at eta=0.8, ``folded`` no slower than
-``loop`` at eta=0. Rows go to ``<out>/scoring.jsonl`` (preset ``issue2``); the table printed at the end
-gives wall-time ratios and, because other processes share the CPU, process-CPU-time ratios too.
+``loop`` at eta=0. Rows go to ``<out>/scoring.jsonl`` (preset ``cpu-engines``); the table printed at
+the end gives wall-time ratios and, because other processes share the CPU, process-CPU-time ratios too.
 """
 
 from __future__ import annotations
 
-import sys
-
-from fastweedout.bench.common import fmt_s
+from .common import fmt_s
 
 TARGETS = (("compact", 0.8, 3.0, "compact >= 3x faster than loop at eta=0.8"),
            ("folded", 0.0, 1.0, "folded no slower than loop at eta=0"))
@@ -24,6 +21,10 @@ def _iqr(r: dict) -> float:
     return (t["q75_s"] - t["q25_s"]) / t["median_s"]
 
 
+def _ratio(r: dict | None, key: str) -> str:
+    return f"{r[key]:.2f}x" if r and r.get(key) else "-"
+
+
 def summary_rows(rows) -> list[dict]:
     rows = [r if isinstance(r, dict) else vars(r) for r in rows]
     return [r for r in rows if r.get("status") == "ok" and r.get("timing")]
@@ -32,10 +33,11 @@ def summary_rows(rows) -> list[dict]:
 def print_summary(rows) -> str:
     rows = summary_rows(rows)
     by = {(r["engine"], r["eta"]): r for r in rows}
-    engines = [e for e in ("loop", "folded", "compact", "folded-triton", "compact-triton") if any(k[0] == e for k in by)]
+    engines = [e for e in ("loop", "folded", "compact", "folded-triton", "compact-triton")
+               if any(k[0] == e for k in by)]
     etas = sorted({r["eta"] for r in rows})
     r0 = rows[0] if rows else {}
-    lines = [f"issue-2 engine benchmark: {r0.get('model')} P={r0.get('population')} B={r0.get('batch')} "
+    lines = [f"engine table: {r0.get('model')} P={r0.get('population')} B={r0.get('batch')} "
              f"{r0.get('in_channels')}x{r0.get('image_size')}x{r0.get('image_size')}, "
              f"{r0.get('env', {}).get('threads')} threads, {r0.get('env', {}).get('device')}",
              "  eta  " + "".join(f"{e:>16}" for e in engines) + "".join(f"{'loop/' + e:>16}" for e in engines[1:])
@@ -46,8 +48,8 @@ def print_summary(rows) -> str:
         ratios, cpu = [], []
         for e in engines[1:]:
             r = by.get((e, eta))
-            ratios.append(f"{(format(r['speedup_vs_loop'], '.2f') + 'x') if r and r.get('speedup_vs_loop') else '-':>16}")
-            cpu.append(f"{(format(r['cpu_speedup_vs_loop'], '.2f') + 'x') if r and r.get('cpu_speedup_vs_loop') else '-':>20}")
+            ratios.append(f"{_ratio(r, 'speedup_vs_loop'):>16}")
+            cpu.append(f"{_ratio(r, 'cpu_speedup_vs_loop'):>20}")
         load = (loop or {}).get("load_avg_before")
         lines.append(f"  {eta:<4} " + "".join(cells) + "".join(ratios) + "".join(cpu) + f"   {load}")
     for eng, eta, need, text in TARGETS:
@@ -81,8 +83,9 @@ def profile_eta0(out_dir, model_name: str = "wrn_16_4", population: int = 16, ba
     from torch.profiler import ProfilerActivity, profile
 
     import fastweedout as fw
-    from fastweedout.bench.common import load_average
     from fastweedout.scoring import auto_chunk, score_population
+
+    from .common import load_average
 
     m = fw.create_model(model_name)
     g = torch.Generator().manual_seed(0)
@@ -110,12 +113,3 @@ def profile_eta0(out_dir, model_name: str = "wrn_16_4", population: int = 16, ba
     path.write_text("\n".join(text))
     print("\n".join(text[:1] + [t for t in text if t.startswith("==")]) + f"\nprofile written to {path}", flush=True)
     return str(path)
-
-
-def main(argv=None) -> int:
-    from fastweedout.bench.cli import main as cli_main
-    return cli_main(["engines", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
