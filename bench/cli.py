@@ -154,8 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     gp = sub.add_parser("gpu", help="everything on one GPU: kernel tests, kernels, scoring, training (<= 9 min)")
     _common(gp, presets=False)
     gp.add_argument("--dry-run", action="store_true", help="the same steps on tiny shapes (CPU; what CI runs)")
-    gp.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (default 540)")
+    gp.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (default 480)")
     gp.add_argument("--skip", default="", help="comma list of tests,kernels,scoring,training to skip")
+    gp.add_argument("--no-autotune", action="store_true", help="the Triton conv's default block sizes only")
 
     r = sub.add_parser("report", help="results JSONL -> Markdown table + PNG plots")
     r.add_argument("files", nargs="*", help="JSONL files (default: <out>/*.jsonl)")
@@ -299,7 +300,8 @@ def cmd_gpu(args) -> int:
         raise FullNeedsGPU(f"--skip takes {','.join(STEPS)}, got {args.skip!r}")
     if device.type != "cuda" and not args.dry_run:
         raise FullNeedsGPU("gpu needs a CUDA device; --dry-run runs the same steps on tiny shapes here")
-    steps = run_gpu(args.out, device, dry_run=args.dry_run, budget_s=args.budget_s, skip=skip, quiet=args.quiet)
+    steps = run_gpu(args.out, device, dry_run=args.dry_run, budget_s=args.budget_s, skip=skip, quiet=args.quiet,
+                    autotune=not args.no_autotune)
     return 0 if all(s["status"] in ("ok", "skipped") for s in steps) else 1
 
 

@@ -75,6 +75,8 @@ def variants(quick: bool = False) -> list[dict]:
                 ptrs = dict(x_ptr=dt, y_ptr=dt, w_ptr="fp32", b_ptr="fp32", m_ptr="fp32", mean_ptr=st, var_ptr=st)
                 for affine in (False, True):
                     for mask in (False, True):
+                        if not aligned and (affine or not mask):  # unaligned: one mode is enough to compile
+                            continue
                         add("_bn_apply_kernel", "bn_act", dt, ptrs, {**v, **par, "RB": 64},
                             dict(tl_, AFFINE=affine, HAS_MASK=mask, CL=cl), tag=tag)
                         if not aligned or affine:
