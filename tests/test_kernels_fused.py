@@ -275,9 +275,9 @@ def test_launch_on_the_second_device():
 def test_gathered_weights_past_2_31_elements():
     """600 members at width 640: 2.2e9 weight elements (4.4 GB in bf16). int32 offsets would wrap."""
     P, K = 600, 640
-    w = torch.empty(P, K, K, 3, 3, device="cuda", dtype=torch.bfloat16).permute(3, 4, 0, 2, 1)  # packed layout
-    w = w.permute(2, 4, 3, 0, 1)
-    assert w.numel() > 2**31
+    # [P, K_out, K_in, 3, 3] stored as [3, 3, P, K_in, K_out]: the packed layout the engine gathers into
+    w = torch.empty(3, 3, P, K, K, device="cuda", dtype=torch.bfloat16).permute(2, 4, 3, 0, 1)
+    assert w.numel() > 2**31 and w.stride(1) == 1
     w[-1].normal_(0, 0.02)
     w[:-1].zero_()
     x = torch.randn(1, P * K, 3, 3, device="cuda", dtype=torch.bfloat16).to(memory_format=CL)
