@@ -19,7 +19,8 @@ from .masks import MODES
 from .model import WideResNet, parse_model_name
 from .runs import config_hash, to_jsonable
 
-ENGINES = ("auto", "loop", "folded", "compact")
+ENGINES = ("auto", "loop", "folded", "compact")  # node masks
+WEIGHT_ENGINES = ("auto", "loop", "grouped")  # weight masks (fastweedout.weights)
 METRICS = ("loss", "accuracy")
 STRATEGIES = ("random", "tournament", "evolution")
 SCHEDULES = ("cosine", "step")
@@ -86,7 +87,8 @@ class SearchConfig:
     metric: str = opt("loss", "fitness: -loss (the paper's choice) or accuracy", choices=METRICS)
     bn: str = opt("batch", "BN statistics while scoring: each member's own batch, or the running ones",
                   choices=BN_MODES)
-    engine: str = opt("auto", "scoring engine", choices=ENGINES)
+    engine: str = opt("auto", "scoring engine: auto, loop, folded or compact for node masks; auto, loop or grouped for "
+                      "weight masks", choices=tuple(dict.fromkeys(ENGINES + WEIGHT_ENGINES)))
     strategy: str = opt("random", "random (the paper: elite + fresh random masks), tournament (elite + mutated "
                         "binary-tournament winners) or evolution (elite + mutated members of the top 20%%)",
                         choices=STRATEGIES)
@@ -206,6 +208,11 @@ class RunConfig:
                 raise ValueError(f"a {name} config belongs to the arm(s) {list(arms)} only (arm {a!r})")
             if v is not None and not isinstance(v, cls):
                 raise ValueError(f"{name} must be a {cls.__name__}")
+        if self.search is not None:
+            engines = WEIGHT_ENGINES if self.granularity == "weight" else ENGINES
+            if self.search.engine not in engines:
+                raise ValueError(f"{self.granularity} masks are scored by the engines {list(engines)}, "
+                                 f"not {self.search.engine!r}")
         if self.granularity == "weight" and a not in ("weedout", "random"):
             raise ValueError(f"weight granularity is supported by the weedout and random arms, not {a!r}")
         if a == "throughout" and (self.pretrain_steps or self.rewind):
@@ -356,4 +363,4 @@ class Runtime:
 
 __all__ = ["ARMS", "DataConfig", "ENGINES", "GRANULARITIES", "GRID_ARMS", "METRICS", "ModelConfig", "PIPELINE_VERSION",
            "PRUNE_METHODS", "PruneConfig", "RunConfig", "Runtime", "SCHEDULES", "SEARCH_ARMS", "SECTIONS", "STRATEGIES",
-           "SearchConfig", "ThroughoutConfig", "TrainConfig", "build_run_config", "make_run_config"]
+           "SearchConfig", "ThroughoutConfig", "TrainConfig", "WEIGHT_ENGINES", "build_run_config", "make_run_config"]

@@ -64,7 +64,7 @@ def check_batch(model: WideResNet, images: Tensor, labels: Tensor) -> None:
 
 
 def auto_engine(masks: Masks, device: torch.device) -> str:
-    """The fastest engine for this population and device (measured: bench/bench_engines.py)."""
+    """The fastest engine for this population and device (measured: python -m bench engines)."""
     if device.type == "cuda":
         return "compact" if masks.sparsity() >= 0.2 else "folded"
     # CPU: compacting pays off as soon as a few channels are off; dense masks fold.
@@ -106,7 +106,7 @@ def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
     return max(1, min(masks.population, int(budget // per_member)))
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -176,7 +176,7 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
             out.append(member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
         except (torch.OutOfMemoryError, RuntimeError) as e:
             # The estimate was too optimistic: halve the chunk and redo this part (never silently skip).
-            if not _is_oom(e) or chunk == 1:
+            if not is_oom(e) or chunk == 1:
                 raise
             chunk = max(1, chunk // 2)
             if param.device.type == "cuda":

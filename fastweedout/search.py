@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import weights as weight_space
 from .atomic import atomic_torch_save
 from .config import GRANULARITIES, SearchConfig
 from .flops import CONVENTION, scoring_flops
@@ -94,8 +95,6 @@ def mask_space(model: WideResNet, granularity: str):
     """(sets -> sizes, score function, FLOP function) of a granularity."""
     if granularity == "node":
         return model.node_layers(), score_population, scoring_flops
-    from . import weights as weight_space  # TODO(lead): top-level import once fastweedout.weights has landed
-
     return weight_space.weight_sets(model), weight_space.score_weight_population, weight_space.weight_scoring_flops
 
 

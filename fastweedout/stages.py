@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import checkpoint, runs
+from . import weights as W
 from .config import PRUNE_METHODS, DataConfig, RunConfig, Runtime
 from .datasets import Dataset, load_dataset
 from .flops import forward_flops
@@ -32,6 +33,7 @@ from .loader import DeviceLoader
 from .masks import Masks, sample_masks
 from .member_steps import StepStream
 from .model import WideResNet
+from .prune_init import prune_at_init
 from .runs import RunDir
 from .scoring import auto_engine, population_logits
 from .search import mask_space, random_mask, random_search
@@ -161,8 +163,6 @@ def evaluate_mask(model: WideResNet, masks: Masks, images: torch.Tensor, labels:
         if granularity == "node":
             logits = population_logits(model, masks, x, auto_engine(masks, x.device), bn)[0].float()
         else:
-            from . import weights as W  # TODO(lead): top-level import once fastweedout.weights has landed
-
             logits = W.weight_logits(model, masks, x, bn)[0].float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += float((logits.argmax(1) == y).sum())
@@ -244,8 +244,6 @@ def choose_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, ru
                          generations=res.generations, best_fitness=res.best_fitness, mean_fitness=res.mean_fitness,
                          elite_index=res.elite_index, fitness=search_summary["fitness"])
     elif cfg.arm in PRUNE_METHODS:
-        from .prune_init import prune_at_init  # TODO(lead): top-level import once prune_init has landed
-
         p = cfg.prune
         n = min(p.batch_size, len(sy))
         mask, info = prune_at_init(cfg.arm, model, cfg.sparsity, cfg.mode, sx[:n], sy[:n], config=p,
@@ -278,11 +276,9 @@ def mask_record(cfg: RunConfig, model: WideResNet, mask: Masks, meta: dict, imag
         params = sum(p.numel() for p in pruned.parameters())
         flops = forward_flops(pruned, image_size)
     else:
-        from . import weights as W  # TODO(lead): top-level import once fastweedout.weights has landed
-
         masked = sum(int(v.numel()) for v in mask.values())
         params = sum(p.numel() for p in model.parameters()) - masked + sum(live.values())
-        flops = W.weight_training_flops(model, W.member_weights(model, mask, 0), image_size)["useful"] // 3
+        flops = W.weight_forward_flops(model, W.member_weights(model, mask, 0), image_size)
     return dict(type="mask", arm=cfg.arm, granularity=cfg.granularity, sparsity=mask.sparsity(), live=live,
                 params=params, forward_flops=flops, **meta["init"])
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from . import weights as W
 from .backend import MaskedBackend
 from .flops import forward_flops, train_step_flops
 from .model import WideResNet
@@ -61,8 +62,6 @@ def prepare_network(model: WideResNet, mask, masked: bool, device: torch.device,
     ``(net, run_net, forward FLOPs, train-step FLOPs, live forward FLOPs, live parameters)``, FLOPs per
     image; ``run_net`` is what the forward calls (``net`` itself unless masked)."""
     if granularity == "weight" and mask is not None:
-        from . import weights as W  # TODO(lead): top-level import once fastweedout.weights has landed
-
         params = dict(model.named_parameters())
         shaped = {k: v.reshape(params[k].shape) for k, v in mask.items()}
         net = copy.deepcopy(model)

@@ -55,7 +55,7 @@ from .config import METRICS
 from .flops import CONVENTION, count_forward, train_step_flops
 from .masks import Masks
 from .model import WideResNet
-from .scoring import _is_oom, auto_chunk, check_batch, member_losses
+from .scoring import auto_chunk, check_batch, is_oom, member_losses
 from .weights_engine import WEIGHT_ENGINES, GroupedWeightBackend, weight_population_logits, weight_uses
 from .weights_net import WeightMaskedNet
 from .weights_space import (
@@ -116,7 +116,7 @@ def _chunked(model, masks: Masks, images: Tensor, engine: str, bn: str, chunk: i
         try:
             out.append(fn(weight_population_logits(model, part, images, engine, bn)))
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e) or chunk == 1:
+            if not is_oom(e) or chunk == 1:
                 raise
             chunk = max(1, chunk // 2)
             if images.device.type == "cuda":

@@ -22,10 +22,9 @@ from torch.func import functional_call
 
 from . import ops
 from .backend import BaseBackend
+from .config import WEIGHT_ENGINES
 from .masks import Masks
 from .model import WideResNet
-
-WEIGHT_ENGINES = ("auto", "loop", "grouped")
 
 
 def _weight_names(model: WideResNet) -> dict[int, str]:

@@ -17,7 +17,7 @@ from fastweedout.engines import PAD_MULTIPLE, CompactBackend, FoldedBackend
 from fastweedout.masks import Masks
 from fastweedout.scoring import auto_chunk, population_logits, score_population
 from helpers import randomize_bn
-from tolerances import TOL
+from tolerances import GPU_LOGITS_TOL, TOL
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 try:
@@ -28,7 +28,6 @@ except ImportError:  # pragma: no cover - no Triton
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 # Logits of every engine against loop's, (atol, rtol) by the precision that runs. On a GPU fp32 convolutions
 # run as tf32 in cuDNN and in the Triton conv alike, so engines agree with loop to ~1e-2 there, not 1e-4.
-GPU_LOGITS_TOL = {"tf32": (5e-2, 2e-2), "fp16": (5e-2, 5e-2), "bf16": (1e-1, 5e-2)}
 FP32 = TOL[torch.float32] if DEV == "cpu" else GPU_LOGITS_TOL["tf32"]
 
 
