@@ -276,7 +276,7 @@ def mask_record(cfg: RunConfig, model: WideResNet, mask: Masks, meta: dict, imag
         params = sum(p.numel() for p in pruned.parameters())
         flops = forward_flops(pruned, image_size)
     else:
-        masked = sum(int(v.numel()) for v in mask.values())
+        masked = sum(int(v.numel()) for _, v in mask.items())
         params = sum(p.numel() for p in model.parameters()) - masked + sum(live.values())
         flops = W.weight_forward_flops(model, W.member_weights(model, mask, 0), image_size)
     return dict(type="mask", arm=cfg.arm, granularity=cfg.granularity, sparsity=mask.sparsity(), live=live,

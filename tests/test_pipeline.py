@@ -257,3 +257,34 @@ def test_throughout_arm(tmp_path):
     assert 0.45 < sum(int((~m).sum()) for m in mask.values()) / sum(m.numel() for m in mask.values()) < 0.55
     again = execute_run(c, os.path.join(tmp_path, "again"), RT)  # deterministic
     assert runs.strip_timing(again.summary["final"]) == runs.strip_timing(out.summary["final"])
+
+
+@pytest.mark.parametrize("arm", ["l1", "snip", "grasp", "synflow"])
+def test_pruning_at_initialisation_arms(arm, tmp_path):
+    out = execute_run(cfg(arm, epochs=1), tmp_path, RT)
+    random = execute_run(cfg("random", epochs=1), tmp_path, RT)
+    recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+    sel = next(x for x in recs if x.get("phase") == "search")
+    assert sel["method"] == arm and (sel["flops"] > 0) == (arm != "l1")
+    mask = torch.load(os.path.join(out.path, "mask.pt"), weights_only=True)["masks"]
+    rmask = torch.load(os.path.join(random.path, "mask.pt"), weights_only=True)["masks"]
+    # exactly Weedout's (and the control's) live count in every node set
+    assert {k: int(v.sum()) for k, v in mask.items()} == {k: int(v.sum()) for k, v in rmask.items()}
+    assert out.summary["final"]["epoch"] == 1 and out.config.prune is not None and out.config.search is None
+
+
+def test_weight_granularity_run(tmp_path):
+    w = execute_run(cfg("weedout", epochs=1, granularity="weight"), tmp_path, RT)
+    r = execute_run(cfg("random", epochs=1, granularity="weight"), tmp_path, RT)
+    for out in (w, r):
+        recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+        info = next(x for x in recs if x["type"] == "mask")
+        assert info["granularity"] == "weight" and 0.45 < info["sparsity"] < 0.55
+        final = next(x for x in recs if x["type"] == "final")
+        # the full network trains with its masked weights held at zero: executed FLOPs are the dense ones
+        assert final["live_forward_flops"] < final["forward_flops"] and final["live_params"] < final["params"]
+        state = torch.load(os.path.join(out.path, "train", CHECKPOINT_NAME), weights_only=True)
+        mask = torch.load(os.path.join(out.path, "mask.pt"), weights_only=True)["masks"]
+        for name, m in mask.items():
+            assert bool((state["model"][name].flatten()[~m[0]] == 0).all()), name
+    assert "-weight-" in os.path.basename(w.path)
