@@ -74,7 +74,7 @@ def test_readme_layout_table_names_every_module():
     table = readme.split("## What the code is", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`([A-Za-z_/.]+?)(?:\.py)?/?`", table))
     missing = []
-    for m, path in modules().items():
+    for path in modules().values():
         rel = os.path.relpath(path, ROOT)
         leaf = os.path.basename(path)[:-3]
         folder = os.path.relpath(os.path.dirname(path), ROOT)
