@@ -5,6 +5,7 @@ directory of scripts, not an installed package).
     python -m bench training [--quick|--full] ...
     python -m bench pipeline [--quick|--full] ...
     python -m bench engines                    # the CPU engine table: loop vs folded vs compact
+    python -m bench member-steps [--smoke]     # Weedout after K steps per member: one at a time vs batched
     python -m bench kernels  [--smoke] ...     # Triton conv vs cuDNN, epilogues vs copy (GPU)
     python -m bench gpu      [--dry-run]       # everything on one GPU in one command (<= 9 min on an H100)
     python -m bench report   [--out DIR] [--md FILE] [--all-runs] [FILES...]
@@ -96,7 +97,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-COMMANDS = ("scoring", "engines", "training", "pipeline", "kernels", "gpu", "report", "all")
+COMMANDS = ("scoring", "engines", "member-steps", "training", "pipeline", "kernels", "gpu", "report", "all")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     _scoring_args(e)
     e.add_argument("--profile", action="store_true",
                    help="also profile loop vs folded at eta=0 (torch.profiler + page faults) into <out>")
+
+    ms = sub.add_parser("member-steps", help="Weedout after K steps per member: one at a time vs batched (vmap)")
+    _common(ms)
+    for name, typ in (("--model", str), ("--etas", str), ("--population", int), ("--steps", int),
+                      ("--member-batch", int), ("--val-batch", int), ("--repeats", int)):
+        ms.add_argument(name, type=typ)
 
     t = sub.add_parser("training", help="training step: dense vs pruned vs masked, eager vs compile")
     _common(t)
@@ -243,6 +250,20 @@ def cmd_engines(args) -> list:
     return rows
 
 
+def cmd_member_steps(args) -> list:
+    from .member_steps import MemberStepsConfig, run_member_steps
+    device = resolve_device(args.device)
+    _check_full(args, device)
+    preset = _preset(args)
+    d = dict(preset=preset)
+    if preset == "smoke":
+        d.update(etas=(0.5,), population=3, steps=2, member_batch=8, val_batch=16, image_size=8, repeats=1)
+    _override(d, args, {"model": ("model", None), "etas": ("etas", parse_floats), "population": ("population", None),
+                        "steps": ("steps", None), "member_batch": ("member_batch", None),
+                        "val_batch": ("val_batch", None), "repeats": ("repeats", None)})
+    return run_member_steps(MemberStepsConfig(**d), device, Path(args.out) / "member_steps.jsonl", quiet=args.quiet)
+
+
 def cmd_training(args) -> list:
     from .training import TrainingConfig, run_training
     device = resolve_device(args.device)
@@ -357,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_scoring(args)
         elif args.cmd == "engines":
             cmd_engines(args)
+        elif args.cmd == "member-steps":
+            cmd_member_steps(args)
         elif args.cmd == "training":
             cmd_training(args)
         elif args.cmd == "pipeline":

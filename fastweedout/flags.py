@@ -19,6 +19,8 @@ from .fields import field_type, parse_value
 #: plural spellings accepted for the grid's usual axes
 ALIASES = {"sparsity": "--sparsities", "arm": "--arms", "seed": "--seeds", "search.population": "--populations",
            "model.name": "--models", "data.name": "--datasets"}
+#: other names of a flag, on every subcommand (the research issue's wording)
+SYNONYMS = {"pretrain_steps": "--search-after-steps"}
 MAX_RANGE = 10_000
 
 
@@ -76,6 +78,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, path: str = "", *, title: s
         default = defaults.get(dest, f.default)
         help_ = meta["help"]
         names = [flag_name(f)] + ([ALIASES[dest]] if lists and dest in ALIASES else [])
+        names += [SYNONYMS[dest]] if dest in SYNONYMS else []
         if typ is bool:
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                help=help_ + (" (default: auto)" if default is None else f" (default: {default})"))
@@ -103,4 +106,4 @@ def runtime_of(args: argparse.Namespace):
     return Runtime(**values(args, "runtime."))
 
 
-__all__ = ["ALIASES", "add_fields", "flag_name", "runtime_of", "values"]
+__all__ = ["ALIASES", "SYNONYMS", "add_fields", "flag_name", "runtime_of", "values"]

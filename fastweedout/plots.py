@@ -155,7 +155,7 @@ def plot_axes(conds, comps, path: str) -> bool:
     groups = {a: g for a, g in _axis_groups(conds).items() if g}
     if not groups:
         return False
-    gap = {(r["experiment"], r["series"], r["sparsity"]): r for r in comps}
+    gap = {(r["experiment"], r["series"], r["sparsity"]): r for r in comps if r["against"] == "random"}
     fig, axes = _new_figure(2, len(groups))
     for row, (axis, g) in zip(axes, groups.items()):
         for ctx, pts in g.items():

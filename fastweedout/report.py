@@ -184,22 +184,29 @@ def conditions(col: Collection) -> list[Condition]:
     return sorted(out, key=lambda c: (c.experiment, c.sparsity, _ARM_ORDER.get(c.arm, 9), c.series))
 
 
+def node_peer_key(cfg: dict) -> str | None:
+    """The node-level series a weight-level one is compared with (same arm, search and sparsity)."""
+    return series_key(dict(cfg, granularity="node")) if cfg.get("granularity") == "weight" else None
+
+
 def comparisons(conds: list[Condition]) -> list[dict]:
-    """Paired t-tests of every non-random series against its control at each sparsity, on every
-    metric, with Holm-adjusted p-values per metric over all rows."""
+    """Paired t-tests at each sparsity, on every metric: every non-random series against its random
+    control (``against="random"``) and every weight-level series against the node-level series of
+    the same arm (``against="node"``); Holm-adjusted p-values per metric over all rows."""
     index = {(c.experiment, c.series, c.sparsity): c for c in conds}
     rows = []
     for c in conds:
-        ctrl_key = c.runs[0].control
-        ctrl = index.get((c.experiment, ctrl_key, c.sparsity)) if ctrl_key else None
-        if ctrl is None:
-            continue
-        row = dict(experiment=c.experiment, sparsity=c.sparsity, series=c.series, arm=c.arm, control=ctrl.series)
-        for m in METRICS:
-            t = paired(c.by_seed(m), ctrl.by_seed(m))
-            row.update({f"n_{m}": t["n"], f"diff_{m}": t["diff"], f"ci_{m}": t["diff_ci"], f"t_{m}": t["t"],
-                        f"p_{m}": t["p"]})
-        rows.append(row)
+        for against, key in (("random", c.runs[0].control), ("node", node_peer_key(c.runs[0].config))):
+            ctrl = index.get((c.experiment, key, c.sparsity)) if key else None
+            if ctrl is None:
+                continue
+            row = dict(experiment=c.experiment, sparsity=c.sparsity, series=c.series, arm=c.arm, control=ctrl.series,
+                       against=against)
+            for m in METRICS:
+                t = paired(c.by_seed(m), ctrl.by_seed(m))
+                row.update({f"n_{m}": t["n"], f"diff_{m}": t["diff"], f"ci_{m}": t["diff_ci"], f"t_{m}": t["t"],
+                            f"p_{m}": t["p"]})
+            rows.append(row)
     for m in METRICS:
         for row, p in zip(rows, holm([r[f"p_{m}"] for r in rows])):
             row[f"p_holm_{m}"] = p
@@ -238,7 +245,7 @@ def _describe(run: Run) -> list[str]:
 
 
 def summary_rows(conds: list[Condition], comps: list[dict]) -> list[dict]:
-    by = {(c["experiment"], c["series"], c["sparsity"]): c for c in comps}
+    by = {(c["experiment"], c["series"], c["sparsity"], c["against"]): c for c in comps}
     rows = []
     for c in conds:
         cfg = c.runs[0].config
@@ -254,11 +261,16 @@ def summary_rows(conds: list[Condition], comps: list[dict]) -> list[dict]:
         row["search_share_wall"] = c.search_share("wall_s")
         wins = [r.elite_wins for r in c.runs if r.elite_wins is not None]
         row["elite_wins"] = sum(wins) / len(wins) if wins else math.nan
-        comp = by.get((c.experiment, c.series, c.sparsity))
+        comp = by.get((c.experiment, c.series, c.sparsity, "random"))
         row["control"] = comp["control"] if comp else ""
         for m in METRICS:
             for k in ("diff", "ci", "p", "p_holm"):
                 row[f"paired_{k}_{m}"] = comp[f"{k}_{m}"] if comp else math.nan
+        node = by.get((c.experiment, c.series, c.sparsity, "node"))  # weight-level: minus node-level
+        row["node_peer"] = node["control"] if node else ""
+        for m in ("init_val_loss", "test_acc"):
+            for k in ("diff", "p_holm"):
+                row[f"vs_node_{k}_{m}"] = node[f"{k}_{m}"] if node else math.nan
         rows.append(row)
     return rows
 
@@ -288,13 +300,27 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str) -> list[str]:
                              f"{_pct(c.stat('test_acc')[0])} ({100 * (c.stat('test_acc')[0] - d):+.2f} points; the "
                              f"paper loses about {PAPER_DROP:g} points dense → 0.8 on CIFAR-10)")
     for r in comps:
-        if r["experiment"] == exp:
+        if r["experiment"] == exp and r["against"] == "random":
             lines.append(f"- η={r['sparsity']:g}, {r['series']} − {r['control']}: {r['diff_init_val_loss']:+.3f} "
                          f"validation loss before training (p {_p(r['p_init_val_loss'])}, "
                          f"Holm {_p(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
                          f"accuracy after training (p {_p(r['p_test_acc'])}, Holm {_p(r['p_holm_test_acc'])}; "
                          f"{r['n_test_acc']} pairs)")
     return lines
+
+
+def _comparison_table(rows: list[dict], what: str) -> list[str]:
+    out = [f"Δ = {what} (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
+           "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['sparsity']:g} | {r['series']} | {r['n_test_acc']} | "
+                   f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
+                   f"{_p(r['p_init_val_loss'])} | "
+                   f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
+                   f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
+                   f"{_p(r['p_holm_test_acc'])} |")
+    return out
 
 
 def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], primary: str | None,
@@ -324,19 +350,11 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
             out.append(f"| {c.sparsity:g} | {c.series} | {len(c.runs)} | {_pct(*c.stat('train_acc'))} | "
                        f"{_pct(*c.stat('test_acc'))} | {_num(lm, '.4f')} ± {_num(lci, '.4f')} | "
                        f"{_pct(*c.stat('init_val_acc'))} |")
-        rows = [r for r in comps if r["experiment"] == exp]
-        if rows:
-            out += ["", "### Against the random control (paired by seed)", "",
-                    "Δ = method − random (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
-                    "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
-                    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in rows:
-                out.append(f"| {r['sparsity']:g} | {r['series']} | {r['n_test_acc']} | "
-                           f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
-                           f"{_p(r['p_init_val_loss'])} | "
-                           f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
-                           f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
-                           f"{_p(r['p_holm_test_acc'])} |")
+        for against, title, what in (("random", "Against the random control", "method − random"),
+                                     ("node", "Weight-level against node-level masks", "weight − node")):
+            rows = [r for r in comps if r["experiment"] == exp and r["against"] == against]
+            if rows:
+                out += ["", f"### {title} (paired by seed)", ""] + _comparison_table(rows, what)
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
@@ -412,4 +430,4 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
 
 
 __all__ = ["Collection", "Condition", "Report", "collect", "comparisons", "conditions", "control_key",
-           "experiment_key", "series_key", "summary_rows", "to_csv", "to_markdown", "write_report"]
+           "experiment_key", "node_peer_key", "series_key", "summary_rows", "to_csv", "to_markdown", "write_report"]

@@ -134,6 +134,41 @@ def population_logits(model: WideResNet, masks: Masks, images: Tensor, engine: s
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
+def over_member_chunks(masks: Masks, start: int, stop: int, chunk: int, device: torch.device, fn) -> tuple[list, int]:
+    """``fn(part)`` for the members [start, stop) in parts of ``chunk``; on out-of-memory the chunk is
+    halved and the part redone (never silently skipped). Returns the results and the last chunk size."""
+    out = []
+    while start < stop:
+        part = masks.select(list(range(start, min(start + chunk, stop))))
+        try:
+            out.append(fn(part))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_oom(e) or chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory while scoring; retrying with chunks of {chunk} members",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        start += part.population
+    return out, chunk
+
+
+def gathered_fitness(parts: list, masks: Masks, labels: Tensor, sharded: bool) -> Tensor:
+    """The chunks' fitness joined (all-gathered when sharded); NaN/inf becomes -inf with a warning, so
+    a member whose forward blew up is never selected."""
+    fitness = torch.cat(parts).float() if parts else torch.zeros(0)
+    if sharded:
+        fitness = gather_fitness(fitness, masks, labels)
+    bad = ~torch.isfinite(fitness)
+    if bool(bad.any()):
+        warnings.warn(f"{int(bad.sum())} of {fitness.numel()} members have non-finite fitness; "
+                      "they get -inf and are never selected", RuntimeWarning, stacklevel=3)
+        fitness = torch.where(bad, torch.full_like(fitness, -math.inf), fitness)
+    return fitness
+
+
 def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, engine: str = "auto",
                      metric: str = "loss", bn: str = "batch", chunk_size: int | None = None,
                      return_info: bool = False, distributed: bool | None = None):
@@ -169,30 +204,10 @@ def score_population(model: WideResNet, masks, images: Tensor, labels: Tensor, e
     chunk = chunk_size or auto_chunk(model, images, engine, masks)
     sharded = use_distributed(distributed)  # the engine was picked on the whole population: same on every rank
     start, stop = World.current().shard(masks.population) if sharded else (0, masks.population)
-    out = []
-    while start < stop:
-        part = masks.select(list(range(start, min(start + chunk, stop))))
-        try:
-            out.append(member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            # The estimate was too optimistic: halve the chunk and redo this part (never silently skip).
-            if not is_oom(e) or chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            if param.device.type == "cuda":
-                torch.cuda.empty_cache()
-            warnings.warn(f"out of memory while scoring; retrying with chunks of {chunk} members",
-                          RuntimeWarning, stacklevel=2)
-            continue
-        start += part.population
-    fitness = torch.cat(out).float() if out else torch.zeros(0)
-    if sharded:
-        fitness = gather_fitness(fitness, masks, labels)
-    bad = ~torch.isfinite(fitness)
-    if bool(bad.any()):
-        warnings.warn(f"{int(bad.sum())} of {fitness.numel()} members have non-finite fitness; "
-                      "they get -inf and are never selected", RuntimeWarning, stacklevel=2)
-        fitness = torch.where(bad, torch.full_like(fitness, -math.inf), fitness)
+    out, chunk = over_member_chunks(
+        masks, start, stop, chunk, param.device,
+        lambda part: member_losses(population_logits(model, part, images, engine, bn), labels, metric).cpu())
+    fitness = gathered_fitness(out, masks, labels, sharded)
     if return_info:
         return fitness, {"engine": engine, "chunk_size": chunk}
     return fitness

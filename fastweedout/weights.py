@@ -44,9 +44,6 @@ zeroed at construction and held at exactly zero (their gradients are zero); :fun
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -55,7 +52,7 @@ from .config import METRICS
 from .flops import CONVENTION, count_forward, train_step_flops
 from .masks import Masks
 from .model import WideResNet
-from .scoring import auto_chunk, check_batch, is_oom, member_losses
+from .scoring import auto_chunk, check_batch, gathered_fitness, member_losses, over_member_chunks
 from .weights_engine import WEIGHT_ENGINES, GroupedWeightBackend, weight_population_logits, weight_uses
 from .weights_net import WeightMaskedNet
 from .weights_space import (
@@ -66,7 +63,7 @@ from .weights_space import (
     weight_sets,
     weight_shapes,
 )
-from .world import World, gather_fitness, use_distributed
+from .world import World, use_distributed
 
 _CPU_WEIGHT_BUDGET_BYTES = 1 << 30
 
@@ -110,22 +107,8 @@ def _chunked(model, masks: Masks, images: Tensor, engine: str, bn: str, chunk: i
              fn) -> tuple[list, int]:
     """``fn(logits)`` of members [start, stop) in chunks of ``chunk`` (halved on out-of-memory), and the
     chunk size used last."""
-    out = []
-    while start < stop:
-        part = masks.select(list(range(start, min(start + chunk, stop))))
-        try:
-            out.append(fn(weight_population_logits(model, part, images, engine, bn)))
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_oom(e) or chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            if images.device.type == "cuda":
-                torch.cuda.empty_cache()
-            warnings.warn(f"out of memory while scoring weight masks; retrying with chunks of {chunk} members",
-                          RuntimeWarning, stacklevel=3)
-            continue
-        start += part.population
-    return out, chunk
+    return over_member_chunks(masks, start, stop, chunk, images.device,
+                              lambda part: fn(weight_population_logits(model, part, images, engine, bn)))
 
 
 def _prepare(model: WideResNet, masks, images: Tensor, engine: str):
@@ -171,14 +154,7 @@ def score_weight_population(model: WideResNet, masks, images: Tensor, labels: Te
     start, stop = World.current().shard(masks.population) if sharded else (0, masks.population)
     out, chunk = _chunked(model, masks, images, engine, bn, chunk, start, stop,
                           lambda t: member_losses(t, labels, metric).cpu())
-    fitness = torch.cat(out).float() if out else torch.zeros(0)
-    if sharded:
-        fitness = gather_fitness(fitness, masks, labels)
-    bad = ~torch.isfinite(fitness)
-    if bool(bad.any()):
-        warnings.warn(f"{int(bad.sum())} of {fitness.numel()} members have non-finite fitness; "
-                      "they get -inf and are never selected", RuntimeWarning, stacklevel=2)
-        fitness = torch.where(bad, torch.full_like(fitness, -math.inf), fitness)
+    fitness = gathered_fitness(out, masks, labels, sharded)
     if return_info:
         return fitness, {"engine": engine, "chunk_size": chunk}
     return fitness

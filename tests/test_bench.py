@@ -186,6 +186,17 @@ def test_bad_option_is_one_line_and_exit_2():
         assert not r.stdout
 
 
+def test_member_steps_smoke(tmp_path, one_thread):
+    """`python -m bench member-steps --smoke`: both paths timed on one population, rows well formed."""
+    assert cli.main(["member-steps", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = read_jsonl([tmp_path / "member_steps.jsonl"])
+    assert {r["variant"] for r in rows} == {"one-at-a-time", "batched"}
+    for r in rows:
+        _check_common(r, "member_steps", "smoke")
+        assert r["useful_flops"] > 0 and r["timing"]["median_s"] > 0 and r["max_fitness_diff"] < 1e-4
+    assert [r["speedup_vs_one_at_a_time"] for r in rows if r["variant"] == "one-at-a-time"] == [1.0]
+
+
 def test_no_command_runs_everything(monkeypatch):
     """`python -m bench --quick` is `all --quick`; no argument at all prints the usage."""
     seen = []

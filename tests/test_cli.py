@@ -177,6 +177,16 @@ def test_every_config_field_is_a_flag_declared_once():
     assert len(seen) == len(set(seen)) > 40
 
 
+@pytest.mark.parametrize("command", ["run", "experiment"])
+def test_search_after_steps_is_the_pretrain_steps_flag(command):
+    from fastweedout.cli import build_parser
+
+    parser = build_parser()
+    a = parser.parse_args([command, "--search-after-steps", "7"])
+    b = parser.parse_args([command, "--pretrain-steps", "7"])
+    assert vars(a) == vars(b) and a.pretrain_steps in (7, [7])
+
+
 @pytest.mark.parametrize("argv", [["--sparsities", "0.2,,0.4"], ["--seeds", "0,,1"], ["--arms", "weedout,"],
                                   ["--populations", ","], ["--seeds", "4-2"]])
 def test_empty_or_bad_list_items_exit_2(argv, tmp_path, capsys):

@@ -17,8 +17,8 @@ DATA = DataConfig("synthetic")
 
 
 def fake_run(root, arm, eta, seed, test, train, init_loss, init_acc, search=(0.0, 0.0), training=(10.0, 1e9),
-             done=True, epochs=2, population=100, model="wrn_10_1"):
-    cfg = make_run_config(arm, eta, data=DATA, model=ModelConfig(model), seed=seed,
+             done=True, epochs=2, population=100, model="wrn_10_1", granularity="node"):
+    cfg = make_run_config(arm, eta, data=DATA, model=ModelConfig(model), seed=seed, granularity=granularity,
                           search=SearchConfig(population=population), training=TrainConfig(epochs=epochs))
     rd = RunDir.open(root, cfg.name, cfg)
     recs = [dict(type="phase", phase="search", wall_s=search[0], flops=search[1], elite_index=[3, 0, 0, 7, 0],
@@ -176,6 +176,29 @@ def test_axes_figure_for_a_population_study(tmp_path):
     assert "axes.png" in rep.paths and open(rep.paths["axes.png"], "rb").read(4) == b"\x89PNG"
     series = {c.series for c in rep.conditions}
     assert {s.split("/")[3] for s in series if s.startswith("weedout")} == {"P10xG5", "P100xG5"}
+
+
+def test_weight_level_masks_are_compared_with_node_level_ones(tmp_path):
+    root = tmp_path / "res"
+    node, weight = [0.80, 0.81, 0.83], [0.84, 0.86, 0.86]
+    for s in range(3):
+        for gran, acc in (("node", node), ("weight", weight)):
+            fake_run(root, "random", 0.5, s, acc[s], 0.8, 2.3, 0.1, granularity=gran)
+            fake_run(root, "weedout", 0.5, s, acc[s] + 0.01, 0.8, 2.2, 0.1, granularity=gran)
+    rep = report.write_report(root)
+    vs_node = {r["series"]: r for r in rep.comparisons if r["against"] == "node"}
+    assert set(vs_node) == {"random/layerwise/weight", "weedout/layerwise/weight/P100xG5/loss/batch/random"}
+    d, _, _, p = hand_paired(weight, node)
+    assert vs_node["random/layerwise/weight"]["diff_test_acc"] == pytest.approx(d)
+    assert vs_node["random/layerwise/weight"]["p_test_acc"] == pytest.approx(p)
+    assert vs_node["random/layerwise/weight"]["control"] == "random/layerwise/node"
+    # the weight-level Weedout runs still have their own random control, of weight-level masks
+    ctrl = {r["series"]: r["control"] for r in rep.comparisons if r["against"] == "random"}
+    assert ctrl["weedout/layerwise/weight/P100xG5/loss/batch/random"] == "random/layerwise/weight"
+    rows = {r["series"]: r for r in csv.DictReader(open(rep.paths["summary.csv"]))}
+    assert float(rows["random/layerwise/weight"]["vs_node_diff_test_acc"]) == pytest.approx(d, rel=1e-5)
+    assert rows["random/layerwise/node"]["vs_node_diff_test_acc"] == ""
+    assert "Weight-level against node-level masks" in open(rep.paths["report.md"]).read()
 
 
 def test_report_errors(tmp_path):

@@ -174,7 +174,7 @@ def test_member_steps_train_each_member_before_scoring():
     plain = search(m, x, y, **kw)
     assert a.winner == b.winner and torch.equal(a.fitness, b.fitness)  # deterministic
     assert not torch.allclose(a.fitness, plain.fitness)  # the steps changed the scores
-    assert a.engine == "member-steps" and a.flops_useful > plain.flops_useful  # the steps are paid for
+    assert a.engine == "member-steps" and a.flops_useful > plain.flops_useful  # the steps are paid for (CPU path)
     # Member i's fitness equals its pruned network trained alone on the same batches, then scored.
     from fastweedout.member_steps import train_member
     pop = fw.sample_masks(m, 3, 0.5, generator=1)
@@ -186,3 +186,56 @@ def test_member_steps_train_each_member_before_scoring():
     assert float(a.fitness[0, 0]) == pytest.approx(-float(loss), rel=1e-5)
     with pytest.raises(ValueError, match="train_stream"):
         fw.random_search(m, x, y, cfg, sparsity=0.5)
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_member_steps_batched_equals_one_member_at_a_time(metric):
+    """The stacked (vmap) training of members gives each member's fitness as training it alone does;
+    global masks (members of different shapes), running BN and dropout take the one-at-a-time path."""
+    from fastweedout.member_steps import (
+        StepStream,
+        _batched_fitness,
+        _one_at_a_time,
+        batched_ok,
+        score_after_steps,
+        use_batched,
+    )
+
+    data = fw.load_dataset("synthetic", synthetic=dict(train_size=96, test_size=16, val_size=24, image_size=8))
+    m = fw.WideResNet(10, 2, num_classes=10, in_channels=1)
+    x = (data.val.images.float() / 255 - data.mean[0]) / data.std[0]
+    y = data.val.labels
+    stream = StepStream(data.train, steps=3, batch_size=16, mean=data.mean, std=data.std, augment="none", seed=0)
+    cfg = fw.SearchConfig(member_steps=3, member_batch=16, member_lr=0.05, metric=metric)
+    for sparsity in (0.0, 0.4, 0.9):  # all live, some, a single live channel in the narrow node sets
+        pop = fw.sample_masks(m, 5, sparsity, generator=3)
+        assert batched_ok(m, pop, cfg) and not use_batched(m, pop, cfg)  # eligible; on a CPU the loop is faster
+        batched, _ = _batched_fitness(m, pop, x, y, stream, cfg)
+        alone = _one_at_a_time(m, pop, x, y, stream, cfg)
+        assert torch.allclose(batched, alone, rtol=1e-4, atol=1e-5), (sparsity, batched, alone)
+    glob = fw.sample_masks(m, 4, 0.5, mode="global", generator=0)
+    assert not glob.is_uniform() and not batched_ok(m, glob, cfg)
+    assert score_after_steps(m, glob, x, y, stream, cfg)[1]["engine"] == "member-steps"
+    pop = fw.sample_masks(m, 2, 0.5, generator=0)
+    assert not batched_ok(m, pop, fw.SearchConfig(member_steps=3, member_batch=16, bn="running"))
+    assert not batched_ok(fw.WideResNet(10, 2, num_classes=10, in_channels=1, dropout=0.3), pop, cfg)
+
+
+@pytest.mark.gpu
+def test_member_steps_batched_on_gpu():
+    """On a GPU the stacked path runs by default and agrees with training each member alone (tf32)."""
+    from fastweedout.member_steps import StepStream, _one_at_a_time, score_after_steps
+    from tolerances import GPU_LOGITS_TOL
+
+    data = fw.load_dataset("synthetic", synthetic=dict(train_size=96, test_size=16, val_size=32, image_size=8))
+    m = fw.WideResNet(10, 2, num_classes=10, in_channels=1).cuda()
+    x = ((data.val.images.float() / 255 - data.mean[0]) / data.std[0]).cuda()
+    y = data.val.labels.cuda()
+    stream = StepStream(data.train, steps=3, batch_size=16, mean=data.mean, std=data.std, augment="none", seed=0)
+    stream._batches = [(a.cuda(), b.cuda()) for a, b in stream.batches()]
+    cfg = fw.SearchConfig(member_steps=3, member_batch=16, member_lr=0.05)
+    pop = fw.sample_masks(m, 6, 0.5, generator=0)
+    fit, info, _ = score_after_steps(m, pop, x, y, stream, cfg)
+    assert info["engine"] == "member-steps-batched"
+    atol, rtol = GPU_LOGITS_TOL["tf32"]
+    assert torch.allclose(fit, _one_at_a_time(m, pop, x, y, stream, cfg).float(), atol=atol, rtol=rtol)
