@@ -7,7 +7,10 @@ mode and metric), the fittest member is kept and the rest refilled by the search
 training ends a last scoring picks the winner, the network is pruned to it and, with
 ``finetune_epochs``, the pruned network trains on. The population's fitness over training is
 recorded (records of type ``population``), and the scoring's FLOPs and wall time are the run's
-``search`` phase; training runs the full network (executed FLOPs are the dense ones).
+``search`` phase; training runs the full network (executed FLOPs are the dense ones). Without
+fine-tuning, the pruned winner's BN running statistics are recomputed on :data:`RECALIBRATION_IMAGES`
+training images before it is tested: those gathered while the masks kept changing describe no single
+sub-network (the "BN recalibration" of slimmable and once-for-all networks).
 """
 
 from __future__ import annotations
@@ -29,6 +32,35 @@ from .scoring import score_population
 from .search import next_generation
 from .stages import RunOutcome, derive_seed, evaluate_mask, train_run, validation_parts
 from .training import TrainCallbacks, evaluate, train
+
+RECALIBRATION_IMAGES = 2048
+
+
+@torch.no_grad()
+def recalibrate_bn(net: WideResNet, data: Dataset, batch_size: int, images: int = RECALIBRATION_IMAGES,
+                   seed: int = 0) -> int:
+    """Replace every BN layer's running statistics by their average over the batches of the first
+    ``images`` training images (no augmentation); returns how many images were seen."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    was_training = net.training
+    net.train()
+    seen = 0
+    try:
+        for x, _ in DeviceLoader(data.train, min(batch_size, images), mean=data.mean, std=data.std, shuffle=True,
+                                 drop_last=True, seed=seed):
+            net(x)
+            seen += x.shape[0]
+            if seen >= images:
+                break
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        net.train(was_training)
+    return seen
 
 
 class PopulationDuringTraining(TrainCallbacks):
@@ -127,8 +159,10 @@ def run_throughout(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset,
         tune = dataclasses.replace(cfg.training, epochs=cfg.throughout.finetune_epochs)
         out = train_run(rd, cfg, trained, winner.member(0), data, runtime, training=tune, phase="finetune")
         final, params, live_params = out.final.to_dict(), out.params, out.live_params
-    else:  # the pruned network as it comes out of training
+    else:  # the pruned network as it comes out of training, its BN statistics recomputed
         pruned = trained.prune(winner.member(0))
+        recal = recalibrate_bn(pruned, data, cfg.training.batch_size, seed=derive_seed(cfg.seed, "recalibrate"))
+        pruned.eval()
         loader = DeviceLoader(data.test, cfg.training.eval_batch_size, mean=data.mean, std=data.std)
         test_loss, test_acc = evaluate(pruned, loader)
         last = res.final
@@ -137,11 +171,11 @@ def run_throughout(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset,
         params = live_params = sum(p.numel() for p in pruned.parameters())
         rd.upsert(dict(type="final", phase="pruned", epochs=last.epoch, train_acc=last.train_acc,
                        test_acc=test_acc, train_loss=last.train_loss, test_loss=test_loss, params=params,
-                       live_params=live_params))
+                       live_params=live_params, bn_recalibration_images=recal))
     summary.update(final=final, phases={k: v.to_dict() for k, v in res.phases.items()}, params=params,
                    live_params=live_params, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     rd.mark_done(summary)
     return RunOutcome(rd.path, cfg, summary, skipped=False)
 
 
-__all__ = ["PopulationDuringTraining", "run_throughout"]
+__all__ = ["RECALIBRATION_IMAGES", "PopulationDuringTraining", "recalibrate_bn", "run_throughout"]

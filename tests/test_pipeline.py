@@ -259,6 +259,45 @@ def test_throughout_arm(tmp_path):
     assert runs.strip_timing(again.summary["final"]) == runs.strip_timing(out.summary["final"])
 
 
+def test_bn_recalibration_of_the_pruned_winner():
+    """Without fine-tuning, the throughout arm's winner gets BN statistics of its own: each BN layer's
+    running mean is the mean of its inputs over the recalibration images (equal batches: the mean of
+    the batch means), whatever was there before."""
+    import fastweedout as fw
+    from fastweedout.loader import DeviceLoader
+    from fastweedout.throughout import recalibrate_bn
+
+    data = fw.load_dataset("synthetic", synthetic=dict(train_size=256, test_size=16, val_size=16, image_size=8))
+    net = fw.WideResNet(10, 2, num_classes=10, in_channels=1).prune(
+        fw.sample_masks(fw.WideResNet(10, 2, num_classes=10, in_channels=1), 1, 0.5, generator=0).member(0))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.running_mean.fill_(100.0)
+    first = bns[0]
+    inputs = []
+    hook = first.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach()))
+    seen = recalibrate_bn(net.eval(), data, batch_size=32, images=128, seed=3)
+    hook.remove()
+    assert seen == 128 and len(inputs) == 4 and not net.training and first.momentum == 0.1
+    expected = torch.cat(inputs).mean(dim=(0, 2, 3))
+    assert torch.allclose(first.running_mean, expected, atol=1e-5)
+    assert all(float(m.running_mean.abs().max()) < 100 for m in bns)
+    x = next(iter(DeviceLoader(data.test, 16, mean=data.mean, std=data.std)))[0]
+    assert torch.isfinite(net.eval()(x)).all()
+
+
+def test_throughout_without_finetuning_recalibrates(tmp_path):
+    from fastweedout.config import ThroughoutConfig
+
+    c = make_run_config("throughout", 0.5, data=DATA, model=ModelConfig("wrn_10_1"), seed=0,
+                        search=SearchConfig(population=3, batch_size=32),
+                        throughout=ThroughoutConfig(interval=2, finetune_epochs=0),
+                        training=TrainConfig(epochs=1, batch_size=64))
+    out = execute_run(c, tmp_path, RT)
+    final = [x for x in runs.read_jsonl(os.path.join(out.path, "results.jsonl")) if x["type"] == "final"][-1]
+    assert final["phase"] == "pruned" and final["bn_recalibration_images"] == 256  # 320 images, batches of 64
+
+
 @pytest.mark.parametrize("arm", ["l1", "snip", "grasp", "synflow"])
 def test_pruning_at_initialisation_arms(arm, tmp_path):
     out = execute_run(cfg(arm, epochs=1), tmp_path, RT)
