@@ -29,17 +29,38 @@ def _save(fig, path: str, dpi: int = 110) -> bool:
 
 
 def label(series: str, all_series) -> str:
-    """The arm alone when it has one series, else the whole series key."""
-    arm = series.split("/")[0]
-    return arm if sum(1 for s in all_series if s.split("/")[0] == arm) == 1 else series
+    """The arm, plus the parts of the series key that tell it from the arm's other series."""
+    parts = series.split("/")
+    kin = [o.split("/") for o in set(all_series) if o.split("/")[0] == parts[0] and o != series]
+    own = [p for i, p in enumerate(parts[1:], 1) if any(len(o) <= i or o[i] != p for o in kin)]
+    return f"{parts[0]} ({', '.join(own)})" if own else parts[0]
 
 
-def _band(ax, xs, stats, color, lbl, style="o-"):
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_LINES = ("-", "--", ":", "-.")
+
+
+def style(series: str, all_series) -> tuple[str | None, str]:
+    """(colour, line style): the arm's colour; the arm's series told apart by marker and dash."""
+    kin = sorted(o for o in set(all_series) if o.split("/")[0] == series.split("/")[0])
+    i = kin.index(series) if series in kin else 0
+    return COLORS.get(series.split("/")[0]), _MARKERS[i % len(_MARKERS)] + _LINES[i % len(_LINES)]
+
+
+def _band(ax, xs, stats, color, fmt, lbl):
     ms = [100 * m for m, _ in stats]
     ci = [100 * (c if math.isfinite(c) else 0.0) for _, c in stats]
-    ax.plot(xs, ms, style, color=color, label=lbl)
-    ax.fill_between(xs, [a - b for a, b in zip(ms, ci)], [a + b for a, b in zip(ms, ci)], color=color, alpha=0.2,
-                    linewidth=0)
+    ax.plot(xs, ms, fmt, color=color, label=lbl)
+    # an accuracy lies in [0, 100]: a t-interval of two seeds (t = 12.7) must not set the axis
+    ax.fill_between(xs, [max(0.0, a - b) for a, b in zip(ms, ci)], [min(100.0, a + b) for a, b in zip(ms, ci)],
+                    color=color, alpha=0.2, linewidth=0)
+
+
+def _accuracy_limits(ax) -> None:
+    """The y range of the plotted means (not of the bands), within [0, 100]."""
+    ys = [float(y) for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(float(y))]
+    if ys:
+        ax.set_ylim(max(0.0, min(ys) - 5), min(100.5, max(ys) + 3))
 
 
 def plot_figure2(conds, exp: str, path: str) -> bool:
@@ -57,8 +78,8 @@ def plot_figure2(conds, exp: str, path: str) -> bool:
                                                                                  "(b) test accuracy")):
         for s, cs in series.items():
             cs = sorted(dense + cs, key=lambda c: c.sparsity)
-            _band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], COLORS.get(s.split("/")[0]),
-                  label(s, series))
+            _band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], *style(s, series), label(s, series))
+        _accuracy_limits(ax)
         ax.set_xlabel("sparsity η (fraction of nodes off)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title)
@@ -90,11 +111,12 @@ def plot_curves(conds, exp: str, path: str) -> bool:
     fig, axes = _new_figure(len(etas), w=4.0, h=3.5)
     for ax, eta in zip(axes[0], etas):
         for c in (c for c in mine if c.sparsity == eta):
-            color, lbl = COLORS.get(c.arm), label(c.series, all_series)
+            (color, fmt), lbl = style(c.series, all_series), label(c.series, all_series)
             xs, st = _epoch_stats(c.runs, "test_acc")
-            _band(ax, xs, st, color, f"{lbl} test", "-")
+            _band(ax, xs, st, color, fmt[0] + "-", f"{lbl} test")
             xs, st = _epoch_stats(c.runs, "train_acc")
-            ax.plot(xs, [100 * m for m, _ in st], "--", color=color, label=f"{lbl} train")
+            ax.plot(xs, [100 * m for m, _ in st], fmt[0] + ":", color=color, alpha=0.7, label=f"{lbl} train")
+        _accuracy_limits(ax)
         ax.set_title(f"η = {eta:g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -161,12 +183,13 @@ def plot_axes(conds, comps, path: str) -> bool:
         for ctx, pts in g.items():
             xs = [str(x) for x, _ in pts]
             name = f"η={ctx[1]:g}" if axis != "model" else f"{ctx[1]} η={ctx[2]:g}"
-            _band(row[0], xs, [c.stat("test_acc") for _, c in pts], None, name)
+            _band(row[0], xs, [c.stat("test_acc") for _, c in pts], None, "o-", name)
             d = [gap.get((c.experiment, c.series, c.sparsity)) for _, c in pts]
             if any(d):
                 row[1].errorbar(xs, [r["diff_init_val_loss"] if r else math.nan for r in d],
                                 yerr=[r["ci_init_val_loss"] if r and math.isfinite(r["ci_init_val_loss"]) else 0
                                       for r in d], fmt="o-", capsize=3, label=name)
+        _accuracy_limits(row[0])
         row[0].set_title(f"test accuracy after training vs {axis}")
         row[0].set_ylabel("accuracy (%)")
         row[1].set_title(f"validation loss before training, minus random, vs {axis}")
@@ -179,4 +202,4 @@ def plot_axes(conds, comps, path: str) -> bool:
     return _save(fig, path)
 
 
-__all__ = ["COLORS", "label", "plot_axes", "plot_curves", "plot_figure2", "plot_search"]
+__all__ = ["COLORS", "label", "style", "plot_axes", "plot_curves", "plot_figure2", "plot_search"]

@@ -215,3 +215,15 @@ def test_report_errors(tmp_path):
         f.write(text.replace('"seed": 0', '"seed": 5'))
     with pytest.raises(RunError, match="hash"):
         report.write_report(tmp_path / "bad")
+
+
+def test_figure_labels_name_what_tells_series_apart():
+    from fastweedout.plots import label, style
+
+    a, b = "weedout/layerwise/node/P100xG5/loss/batch/random", "weedout/layerwise/node/P100xG5/accuracy/batch/random"
+    k = "random/layerwise/node/k5"
+    every = {a, b, "random/layerwise/node", k}
+    assert label(a, every) == "weedout (loss)" and label(b, every) == "weedout (accuracy)"
+    assert label("random/layerwise/node", every) == "random" and label(k, every) == "random (k5)"
+    assert label(a, {a, "random/layerwise/node"}) == "weedout"
+    assert style(a, every)[0] == style(b, every)[0] and style(a, every)[1] != style(b, every)[1]
