@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from .config import SearchConfig
 from .datasets import Split
-from .flops import forward_flops, train_step_flops
+from .flops import forward_flops, scoring_bytes, train_step_flops
 from .loader import DeviceLoader
 from .masks import Masks
 from .model import WideResNet
@@ -79,7 +79,8 @@ def train_member(model: WideResNet, member: dict[str, Tensor], stream: StepStrea
     return net
 
 
-#: activation bytes per member and training image budgeted when a chunk of members trains at once
+#: memory a chunk of members training at once may take for its activations (on a GPU: a quarter of
+#: what is free, if that is more)
 _BATCHED_BUDGET_BYTES = 2 << 30
 
 
@@ -95,11 +96,13 @@ def use_batched(model: WideResNet, masks: Masks, config: SearchConfig) -> bool:
     return next(model.parameters()).device.type == "cuda" and batched_ok(model, masks, config)
 
 
-def _member_chunk(net: WideResNet, batch: int, size) -> int:
-    # Saved activations of one member's step are about 4 bytes x (forward FLOPs / mean FLOPs per
-    # activation element); 3x3 convolutions do 2*9*C_in FLOPs per output element, so FLOPs / 100 bounds it.
-    per_member = 4 * batch * max(1, forward_flops(net, size) // 100)
-    return max(1, int(_BATCHED_BUDGET_BYTES // per_member))
+def _member_chunk(model: WideResNet, masks: Masks, batch: int, size) -> int:
+    # The activation bytes one member's forward moves (analytic, fp32) stand for what its step keeps
+    # for the backward pass (the same tensors, give or take the BN/ReLU intermediates).
+    per_member = scoring_bytes(model, masks.select([0]), batch, size, "loop")["activations"]
+    device = next(model.parameters()).device
+    budget = max(_BATCHED_BUDGET_BYTES, torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 0)
+    return max(1, int(budget // max(1, per_member)))
 
 
 def _batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
@@ -115,7 +118,7 @@ def _batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Te
         return functional_call(base, params, (images,), {"bn": "batch"})
 
     step = vmap(grad(loss), in_dims=(0, None, None))
-    chunk = _member_chunk(base, stream.batch_size, tuple(images.shape[2:]))
+    chunk = _member_chunk(model, masks, stream.batch_size, tuple(stream.batches()[0][0].shape[2:]))
     out = []
     for lo in range(0, len(nets), chunk):
         part = nets[lo:lo + chunk]
