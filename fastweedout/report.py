@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import runs
-from .plots import plot_axes, plot_curves, plot_figure2, plot_search
+from .plots import label, plot_axes, plot_curves, plot_figure2, plot_search
 from .runs import RunError
 from .stats import CONFIDENCE, holm, mean_ci, paired
 
@@ -287,7 +287,7 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _headline(conds: list[Condition], comps: list[dict], exp: str) -> list[str]:
+def _headline(conds: list[Condition], comps: list[dict], exp: str, name: dict[str, str]) -> list[str]:
     mine = [c for c in conds if c.experiment == exp]
     dense = [c for c in mine if c.arm == "dense"]
     lines = []
@@ -296,12 +296,13 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str) -> list[str]:
         d = dense[0].stat("test_acc")[0]
         for c in mine:
             if c.sparsity == top and c.arm == "random":
-                lines.append(f"- dense → η={top:g} with random masks ({c.series}): test accuracy {_pct(d)} → "
+                lines.append(f"- dense → η={top:g} with random masks ({name[c.series]}): test accuracy {_pct(d)} → "
                              f"{_pct(c.stat('test_acc')[0])} ({100 * (c.stat('test_acc')[0] - d):+.2f} points; the "
                              f"paper loses about {PAPER_DROP:g} points dense → 0.8 on CIFAR-10)")
     for r in comps:
         if r["experiment"] == exp and r["against"] == "random":
-            lines.append(f"- η={r['sparsity']:g}, {r['series']} − {r['control']}: {r['diff_init_val_loss']:+.3f} "
+            ctrl = name.get(r["control"], r["control"])
+            lines.append(f"- η={r['sparsity']:g}, {name[r['series']]} − {ctrl}: {r['diff_init_val_loss']:+.3f} "
                          f"validation loss before training (p {_p(r['p_init_val_loss'])}, "
                          f"Holm {_p(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
                          f"accuracy after training (p {_p(r['p_test_acc'])}, Holm {_p(r['p_holm_test_acc'])}; "
@@ -309,12 +310,12 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str) -> list[str]:
     return lines
 
 
-def _comparison_table(rows: list[dict], what: str) -> list[str]:
+def _comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[str]:
     out = [f"Δ = {what} (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
            "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['sparsity']:g} | {r['series']} | {r['n_test_acc']} | "
+        out.append(f"| {r['sparsity']:g} | {name[r['series']]} | {r['n_test_acc']} | "
                    f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
                    f"{_p(r['p_init_val_loss'])} | "
                    f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
@@ -337,24 +338,26 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
             "*test*: the test set after it; *@init*: the chosen mask on held-out validation images before any training "
             "(images the search never saw). Comparisons: each method minus the random control of the same seed (same "
             "initial weights and data), paired t-test, two-sided, Holm-corrected over all comparisons of a metric. "
-            "FLOPs: analytic, 2 per multiply-add, of the network actually run.", ""]
+            "FLOPs: analytic, 2 per multiply-add, of the network actually run. A series is named by its arm and "
+            "what tells it from the arm's other series; summary.csv has the full keys.", ""]
     experiments = sorted({c.experiment for c in conds}, key=lambda e: (e != primary, e))
     for exp in experiments:
         mine = [c for c in conds if c.experiment == exp]
+        name = {c.series: label(c.series, {x.series for x in mine}) for c in mine}  # full keys: summary.csv
         out += [f"## Experiment {exp}" + (" (plotted)" if exp == primary else ""), ""] + _describe(mine[0].runs[0])
-        out += ["", "### Headline", ""] + (_headline(conds, comps, exp) or ["- (needs dense and sparse runs)"])
+        out += ["", "### Headline", ""] + (_headline(conds, comps, exp, name) or ["- (needs dense and sparse runs)"])
         out += ["", "### Accuracy", "", "| η | series | n | train acc | test acc | val loss@init | val acc@init |",
                 "|---:|---|---:|---:|---:|---:|---:|"]
         for c in mine:
             lm, lci = c.stat("init_val_loss")
-            out.append(f"| {c.sparsity:g} | {c.series} | {len(c.runs)} | {_pct(*c.stat('train_acc'))} | "
+            out.append(f"| {c.sparsity:g} | {name[c.series]} | {len(c.runs)} | {_pct(*c.stat('train_acc'))} | "
                        f"{_pct(*c.stat('test_acc'))} | {_num(lm, '.4f')} ± {_num(lci, '.4f')} | "
                        f"{_pct(*c.stat('init_val_acc'))} |")
         for against, title, what in (("random", "Against the random control", "method − random"),
                                      ("node", "Weight-level against node-level masks", "weight − node")):
             rows = [r for r in comps if r["experiment"] == exp and r["against"] == against]
             if rows:
-                out += ["", f"### {title} (paired by seed)", ""] + _comparison_table(rows, what)
+                out += ["", f"### {title} (paired by seed)", ""] + _comparison_table(rows, what, name)
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
@@ -365,7 +368,7 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
                 w = [r.elite_wins for r in c.runs if r.elite_wins is not None]
                 best = [r.search.get("best_fitness") or [] for r in c.runs if r.search]
                 gens = [sum(b[g] for b in best) / len(best) for g in range(min(map(len, best)))] if best else []
-                out.append(f"| {c.sparsity:g} | {c.series} | {100 * sum(w) / len(w):.0f}% | "
+                out.append(f"| {c.sparsity:g} | {name[c.series]} | {100 * sum(w) / len(w):.0f}% | "
                            f"{', '.join(f'{v:.3f}' for v in gens)} |")
         out += ["", "### Compute per run (means): choosing the mask vs training", "",
                 "| η | series | pretrain+search GFLOP | training GFLOP | share (FLOPs) | pretrain+search s | "
@@ -373,7 +376,7 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
         for c in mine:
             sel = c.phase_mean("search", "flops") + c.phase_mean("pretrain", "flops")
             sel_s = c.phase_mean("search", "wall_s") + c.phase_mean("pretrain", "wall_s")
-            out.append(f"| {c.sparsity:g} | {c.series} | {_num(sel / 1e9)} | "
+            out.append(f"| {c.sparsity:g} | {name[c.series]} | {_num(sel / 1e9)} | "
                        f"{_num(c.phase_mean('training', 'flops') / 1e9)} | {_pct(c.search_share('flops'))}% | "
                        f"{_num(sel_s, '.1f')} | "
                        f"{_num(c.phase_mean('training', 'wall_s'), '.1f')} | {_pct(c.search_share('wall_s'))}% | "
