@@ -59,6 +59,20 @@ class BaseBackend:
         return self.act(self.conv(x, conv, in_set, out_set), bn, out_set)
 
 
+class ShapeBackend(BaseBackend):
+    """For backends that follow shapes only (FLOP counts, weight uses): activation, dropout and the
+    residual add leave the shape as it is."""
+
+    def act(self, x, bn, node_set):
+        return x
+
+    def dropout(self, x, p):
+        return x
+
+    def add(self, h, sc):
+        return h
+
+
 def batch_norm(x: Tensor, bn: nn.BatchNorm2d, mode: str | None) -> Tensor:
     """BN in a given mode without side effects for 'batch'/'running' (None: the module decides)."""
     if mode is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .backend import BaseBackend
+from .backend import BaseBackend, ShapeBackend
 from .masks import Masks
 
 CONVENTION = "1 multiply-add = 2 FLOPs; conv and linear layers only (FlopCounterMode's convention)"
@@ -36,7 +36,7 @@ class FlopCount:
     layers: dict = field(default_factory=dict)  # conv/linear name -> FLOPs per image
 
 
-class _CountBackend(BaseBackend):
+class _CountBackend(ShapeBackend):
     def __init__(self, live: Mapping[str, int], in_channels: int):
         self.live, self.in_channels = live, in_channels
         self.c = FlopCount()
@@ -61,15 +61,6 @@ class _CountBackend(BaseBackend):
 
     def conv(self, x, conv, in_set, out_set):
         return self._conv(x, conv, self.live[in_set], out_set)[0]
-
-    def act(self, x, bn, node_set):
-        return x
-
-    def dropout(self, x, p):
-        return x
-
-    def add(self, h, sc):
-        return h
 
     def head(self, x, fc, node_set):
         f = 2 * self.live[node_set] * fc.out_features

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import ops
-from .backend import BaseBackend
+from .backend import BaseBackend, ShapeBackend
 from .config import WEIGHT_ENGINES
 from .masks import Masks
 from .model import WideResNet
@@ -103,7 +103,7 @@ def weight_population_logits(model: WideResNet, masks: Masks, images: Tensor, en
     raise ValueError(f"weight-mask engine must be one of {WEIGHT_ENGINES[1:]}, got {engine!r}")
 
 
-class SpatialBackend(BaseBackend):
+class SpatialBackend(ShapeBackend):
     """Walks shapes ``(H, W)`` and records, per conv/linear module, how many times each of its weights
     is used per image: ``H_out * W_out`` for a convolution, 1 for the linear layer."""
 
@@ -121,15 +121,6 @@ class SpatialBackend(BaseBackend):
 
     def conv(self, x, conv, in_set, out_set):
         return self._conv(x, conv)
-
-    def act(self, x, bn, node_set):
-        return x
-
-    def dropout(self, x, p):
-        return x
-
-    def add(self, h, sc):
-        return h
 
     def head(self, x, fc, node_set):
         self.uses[id(fc)] = 1
