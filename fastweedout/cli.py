@@ -217,7 +217,8 @@ def _grid(args, rt: Runtime, configs, *, wait: bool = True) -> int:
 
     def report_run(out):  # one line per run, so the log of a long grid shows where it is
         done[0] += 1
-        print(f"[{done[0]}/{len(configs)}] {_final_line(out)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"[{done[0]}/{len(configs)}] {_final_line(out)} ({time.perf_counter() - t0:.0f} s into the grid)",
+              flush=True)
 
     res = run_grid(configs, rt.results, rt, on_run=report_run, wait=wait)
     took = f"({time.perf_counter() - t0:.0f} s)"
