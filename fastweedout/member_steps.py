@@ -107,8 +107,7 @@ def _member_chunk(model: WideResNet, masks: Masks, batch: int, size) -> int:
 
 def _batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
                      config: SearchConfig) -> tuple[Tensor, int]:
-    nets = [model.prune(masks.member(i)) for i in range(masks.population)]
-    base = nets[0]
+    base = model.prune(masks.member(0))  # every member's pruned network has these shapes (batched_ok)
     names = [n for n, _ in base.named_parameters()]
 
     def loss(params, x, y):
@@ -120,9 +119,11 @@ def _batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Te
     step = vmap(grad(loss), in_dims=(0, None, None))
     chunk = _member_chunk(model, masks, stream.batch_size, tuple(stream.batches()[0][0].shape[2:]))
     out = []
-    for lo in range(0, len(nets), chunk):
-        part = nets[lo:lo + chunk]
-        params = {n: torch.stack([dict(net.named_parameters())[n].detach() for net in part]) for n in names}
+    for lo in range(0, masks.population, chunk):  # prune a chunk at a time: P pruned copies may not fit
+        part = [dict(model.prune(masks.member(i)).named_parameters())
+                for i in range(lo, min(lo + chunk, masks.population))]
+        params = {n: torch.stack([p[n].detach() for p in part]) for n in names}
+        del part
         bufs: dict[str, Tensor] = {}
         for x, y in stream.batches():  # torch.optim.SGD(momentum=0.9): buf = 0.9 buf + g; p -= lr buf
             g = step(params, x, y)
@@ -131,7 +132,7 @@ def _batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Te
                 params[n] = params[n] - config.member_lr * bufs[n]
         with torch.no_grad():
             out.append(member_losses(vmap(logits)(params), labels, config.metric).cpu())
-    return torch.cat(out), min(chunk, len(nets))
+    return torch.cat(out), min(chunk, masks.population)
 
 
 def score_after_steps(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
