@@ -241,7 +241,14 @@ def run_kernels(cfg: KernelConfig, device: torch.device, out_path, *, quiet: boo
     base0 = dict(bench="kernels", preset=cfg.preset, run_id=rid, env=vars(env), load_avg_before=None,
                  load_avg_after=None, precision=precision(dt, device), members=cfg.members, batch=cfg.batch,
                  dtype=cfg.dtype)
-    rows = bench_convs(cfg, device, base0, peak, out_path, quiet)
+    # cuDNN's grouped convolution is the baseline: let it time its algorithms for each fixed shape (its
+    # first, untimed call), as it would in any fixed-shape workload; off, its heuristic can pick badly.
+    bench_flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        rows = bench_convs(cfg, device, base0, peak, out_path, quiet)
+    finally:
+        torch.backends.cudnn.benchmark = bench_flag
     if deadline is None or time.monotonic() < deadline:
         rows += bench_epilogues(cfg, device, base0, peak, out_path, quiet)
     return rows

@@ -252,8 +252,8 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
     cl = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     progress(f"[scoring] device={env.device} threads={env.threads} peak={fmt_num(peak.flops_per_s, 'FLOP/s')} "
              f"{peak.dtype} ({peak.source}) engines={engines} skipped={list(skipped)} load={load_average()}", quiet)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    # cudnn.benchmark stays as the library leaves it (off): a search meets each shape a few times, and
+    # on an H200 cuDNN's timing of the compact engine's grouped convolutions took over 60 s per shape set.
     all_rows: list[ScoringRecord] = []
     for name in cfg.models:
         model = fw.create_model(name, num_classes=cfg.num_classes, in_channels=cfg.in_channels)

@@ -186,8 +186,15 @@ def test_statistics_merge_in_two_parallel_levels(monkeypatch):
     y, mean, var = conv_block.fused_conv(x, w, 1, 1, None, None, res, True)  # M = 126 rows: 8 tiles of 16
     yr, mr, vr = ref.fused_conv(x.double(), w.double(), 1, 1, None, None, _d(res), True)
     assert [kw["FINAL"] for _, _, kw in log] == [False, True]
-    _close(mean, mr, (1e-3, 1e-5))
-    _close(var, vr, (1e-3, 1e-4))
+    _close(y, yr, TOL[torch.float32])
+    # The merge against the statistics of the y it wrote: on a GPU the conv itself runs as tf32 (a 1e-3
+    # relative error at this mean), which says nothing about the merge.
+    v_own, m_own = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    _close(mean, m_own, (1e-3, 1e-5))
+    _close(var, v_own, (1e-3, 1e-4))
+    if _common.INTERPRET:  # fp32 arithmetic: also the float64 reference's own statistics
+        _close(mean, mr, (1e-3, 1e-5))
+        _close(var, vr, (1e-3, 1e-4))
     log.clear()
     xb = torch.randn(4 * 8, 5, 3, 3, device=DEV) * 2 + 500.0
     m, v = bn_stats.batch_stats(xb, 4)
