@@ -202,4 +202,38 @@ def plot_axes(conds, comps, path: str) -> bool:
     return _save(fig, path)
 
 
-__all__ = ["COLORS", "label", "style", "plot_axes", "plot_curves", "plot_figure2", "plot_search"]
+def plot_differences(comps, exp: str, path: str) -> bool:
+    """Every series minus its random control, paired by seed, with 95% intervals: (a) validation loss
+    before training, (b) test accuracy after training. One row per (sparsity, series)."""
+    rows = sorted((r for r in comps if r["against"] == "random" and r["experiment"] == exp),
+                  key=lambda r: (r["sparsity"], r["series"]))
+    if not rows:
+        return False
+    names = [r["series"] for r in rows]
+    fig, axes = _new_figure(2, 1, w=5.5, h=max(3.0, 0.32 * len(rows) + 1.2))
+    ys = list(range(len(rows)))[::-1]
+    panels = (("init_val_loss", 1.0, "(a) validation loss before training, minus random",
+               "Δ loss (nats; < 0: better than random)"),
+              ("test_acc", 100.0, "(b) test accuracy after training, minus random",
+               "Δ accuracy (points; > 0: better than random)"))
+    for ax, (m, scale, title, xlabel) in zip(axes[0], panels):
+        for y, r in zip(ys, rows):
+            d, ci = r[f"diff_{m}"], r[f"ci_{m}"]
+            if not math.isfinite(d):
+                continue
+            color, fmt = style(r["series"], names)
+            ax.errorbar([scale * d], [y], xerr=[[scale * ci if math.isfinite(ci) else 0.0]] * 2, fmt=fmt[0],
+                        color=color, capsize=3)
+        ax.axvline(0.0, color="#333333", linewidth=0.8)
+        ax.set_yticks(ys, [f"η={r['sparsity']:g}  {label(r['series'], names)}  (n={r[f'n_{m}']})" for r in rows],
+                      fontsize="small")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][1].tick_params(labelleft=False)
+    fig.suptitle(f"paired by seed: mean difference and {int(CONFIDENCE * 100)}% CI")
+    return _save(fig, path)
+
+
+__all__ = ["COLORS", "label", "style", "plot_axes", "plot_curves", "plot_differences", "plot_figure2",
+           "plot_search"]

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import runs
-from .plots import label, plot_axes, plot_curves, plot_figure2, plot_search
+from .plots import label, plot_axes, plot_curves, plot_differences, plot_figure2, plot_search
 from .runs import RunError
 from .stats import CONFIDENCE, holm, mean_ci, paired
 
@@ -422,6 +422,7 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     for name, draw in (("figure2.png", lambda p: plot_figure2(conds, primary, p)),
                        ("curves.png", lambda p: plot_curves(conds, primary, p)),
                        ("search.png", lambda p: plot_search(conds, primary, p)),
+                       ("differences.png", lambda p: plot_differences(comps, primary, p)),
                        ("axes.png", lambda p: plot_axes(conds, comps, p))):
         path = os.path.join(out, name)
         if draw(path):

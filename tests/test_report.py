@@ -7,7 +7,7 @@ import os
 import pytest
 from scipy import special
 
-from fastweedout import report, runs, stats
+from fastweedout import plots, report, runs, stats
 from fastweedout.config import DataConfig, ModelConfig, SearchConfig, TrainConfig, make_run_config
 from fastweedout.runs import RunDir, RunError
 
@@ -105,11 +105,15 @@ def test_statistics_against_hand_values():
 
 def test_report_files_and_numbers(results, tmp_path):
     rep = report.write_report(results)
-    for name in ("report.md", "summary.csv", "figure2.png", "curves.png", "search.png"):
+    for name in ("report.md", "summary.csv", "figure2.png", "curves.png", "search.png", "differences.png"):
         assert os.path.getsize(rep.paths[name]) > 0
-    for png in ("figure2.png", "curves.png", "search.png"):
+    for png in ("figure2.png", "curves.png", "search.png", "differences.png"):
         assert open(rep.paths[png], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "axes.png" not in rep.paths  # no search-study axis varies here
+    # the paired-differences figure needs a random control; with none there is no figure
+    assert not plots.plot_differences([c for c in rep.comparisons if c["against"] != "random"], rep.primary,
+                                      str(tmp_path / "none.png"))
+    assert not (tmp_path / "none.png").exists()
     assert not [n for n in os.listdir(results) if n.startswith(".") and n.endswith(".tmp")]
     assert len(rep.collection.runs) == 11 and len(rep.collection.incomplete) == 1
 
