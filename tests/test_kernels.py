@@ -120,7 +120,7 @@ def test_bn_act_large_mean_no_cancellation():
 def test_bn_act_many_chunks_and_tiles(layout, monkeypatch):
     """Tiny tiles and forced row chunks: exercises the in-chunk and cross-chunk merges and masking."""
     tiles = lambda R, C, S, cl: (2, 4, 1) if cl else (1, 4, 8)  # noqa: E731
-    split = lambda x, P, R, C, BR, BC: (-(-R // 3), 3) if R > 3 else (1, R)  # noqa: E731
+    split = lambda x, P, R, C, BR, BC, per_sm=4: (-(-R // 3), 3) if R > 3 else (1, R)  # noqa: E731
     for mod in (bn_stats, bn_act, bn_act_backward):
         monkeypatch.setattr(mod, "tiles", tiles)
     for mod in (bn_stats, bn_act_backward):
@@ -135,6 +135,26 @@ def test_bn_act_many_chunks_and_tiles(layout, monkeypatch):
     y.backward(gy)
     yr.backward(gy.double())
     _close(xk.grad, xr.grad, BWD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_stats_shifted_sums(layout, monkeypatch):
+    """The statistics kernel sums deviations from the mean of each chunk's first tile: an outlier in
+    that tile, a large mean with a small spread, and a constant channel (variance exactly >= 0) all
+    match float64, with tiny tiles so that the first tile is 2 or 8 elements of a 72-element chunk."""
+    monkeypatch.setattr(bn_stats, "tiles", lambda R, C, S, cl: (2, 4, 1) if cl else (1, 4, 8))
+    P, B, C, H, W = 2, 8, 6, 3, 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(P * B, C, H, W, generator=g) * 0.1 + 1000.0
+    x[0, 0, 0, 0] = 1050.0  # first element of member 0's first tile, channel 0
+    x[:, 1] = 3.0  # constant channel
+    x = _layout(x, layout).to(DEV)
+    mean, var = bn_stats.batch_stats(x, P)
+    v_ref, m_ref = torch.var_mean(x.double().cpu().view(P, B, C, H * W).transpose(1, 2).reshape(P, C, -1), -1,
+                                  correction=0)
+    _close(mean, m_ref, (1e-3, 1e-6))
+    _close(var, v_ref, (1e-6, 1e-4))
+    assert bool((var[:, 1] >= 0).all()) and float(var[:, 1].abs().max()) < 1e-9
 
 
 def test_bn_act_zero_batch_and_bad_shapes():

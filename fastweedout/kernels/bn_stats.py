@@ -48,7 +48,13 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 def _bn_stats_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
                      R, C, S, sp, sr, sc, ss, T, CHUNK,
                      CL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr, ACC: tl.constexpr):
-    """Per (member p, row chunk t, channel block): count, mean and M2 of the chunk -> partials [P, T, C]."""
+    """Per (member p, row chunk t, channel block): count, mean and M2 of the chunk -> partials [P, T, C].
+
+    The loop only streams: every lane accumulates its elements' deviations from a per-channel shift
+    (the mean of the chunk's first tile, so the sums stay small and ``M2 = sum d^2 - (sum d)^2 / n``
+    loses nothing to cancellation), and the lanes are reduced once at the end. No reduction, barrier
+    or division inside the loop, so the next tile's load never waits on the last one's arithmetic.
+    """
     pid = tl.program_id(0).to(tl.int64)
     p = pid // T
     t = pid % T
@@ -57,29 +63,38 @@ def _bn_stats_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
     c_ok = (c0 + cc) < C
     r0 = t * CHUNK
     r_end = tl.minimum(r0 + CHUNK, R)
-    cnt = tl.zeros([BC], ACC)
-    mean = tl.zeros([BC], ACC)
-    m2 = tl.zeros([BC], ACC)
+    if CL:  # S == 1: no spatial axis, the base stays aligned
+        base0 = p * sp + r0 * sr + c0  # i64
+    else:
+        base0 = p * sp + r0 * sr + tl.cast(c0, tl.int64) * sc  # i64
+    # the shift: mean of the first tile's valid elements, per channel
+    ok0 = ((r0 + rr) < r_end)[:, None, None] & c_ok[None, :, None] & (s_ar < S)[None, None, :]
+    v0 = tl.load(x_ptr + base0 + offs, mask=ok0, other=0.0).to(ACC)
+    n0 = tl.sum(tl.sum(ok0.to(ACC), 2), 0)
+    shift = tl.sum(tl.sum(v0, 2), 0) / tl.where(n0 > 0, n0, 1.0)  # n0 == 0: a channel past C
+    acc1 = tl.zeros([BR, BC, BS], ACC)
+    acc2 = tl.zeros([BR, BC, BS], ACC)
     for rs in range(r0, r_end, BR):
         r_ok = (rs + rr) < r_end
-        n_r = tl.sum(r_ok.to(ACC), 0)
-        if CL:  # S == 1: no spatial axis, the base stays aligned
+        if CL:
             ok = r_ok[:, None, None] & c_ok[None, :, None]
-            base = p * sp + rs * sr + c0  # i64
-            v = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(ACC)
-            t_mean = tl.sum(tl.sum(v, 2), 0) / n_r
-            d = tl.where(ok, v - t_mean[None, :, None], 0.0)
-            cnt, mean, m2 = chan_merge(cnt, mean, m2, n_r, t_mean, tl.sum(tl.sum(d * d, 2), 0))
+            v = tl.load(x_ptr + (base0 + (rs - r0) * sr) + offs, mask=ok, other=0.0).to(ACC)
+            d = tl.where(ok, v - shift[None, :, None], 0.0)
+            acc1 += d
+            acc2 += d * d
         else:
             for s0 in range(0, S, BS):
-                s_ok = (s0 + s_ar) < S
-                n_t = n_r * tl.sum(s_ok.to(ACC), 0)
-                ok = r_ok[:, None, None] & c_ok[None, :, None] & s_ok[None, None, :]
-                base = p * sp + rs * sr + tl.cast(c0, tl.int64) * sc + tl.cast(s0, tl.int64) * ss  # i64
+                ok = r_ok[:, None, None] & c_ok[None, :, None] & ((s0 + s_ar) < S)[None, None, :]
+                base = base0 + (rs - r0) * sr + tl.cast(s0, tl.int64) * ss  # i64
                 v = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(ACC)
-                t_mean = tl.sum(tl.sum(v, 2), 0) / n_t
-                d = tl.where(ok, v - t_mean[None, :, None], 0.0)
-                cnt, mean, m2 = chan_merge(cnt, mean, m2, n_t, t_mean, tl.sum(tl.sum(d * d, 2), 0))
+                d = tl.where(ok, v - shift[None, :, None], 0.0)
+                acc1 += d
+                acc2 += d * d
+    cnt = ((r_end - r0) * S).to(ACC) + tl.zeros([BC], ACC)
+    s1 = tl.sum(tl.sum(acc1, 2), 0)
+    mean = shift + s1 / cnt
+    # rounding can leave a constant channel's M2 a hair below 0; a NaN in the chunk must stay NaN
+    m2 = tl.maximum(tl.sum(tl.sum(acc2, 2), 0) - s1 * (s1 / cnt), 0.0, propagate_nan=tl.PropagateNan.ALL)
     out = (p * T + t) * C + c0 + cc  # i64
     tl.store(pcnt_ptr + out, cnt, mask=c_ok)
     tl.store(pmean_ptr + out, mean, mask=c_ok)
@@ -138,6 +153,7 @@ def view3(x: Tensor, members: int):
 
 
 TILE, WARPS = 2048, 4  # elements per tile and warps: 16 per thread
+STATS_PROGRAMS_PER_SM = 16
 
 
 def tiles(R: int, C: int, S: int, cl: bool):
@@ -153,10 +169,10 @@ def tiles(R: int, C: int, S: int, cl: bool):
     return br, bc, bs
 
 
-def row_split(x: Tensor, P: int, R: int, C: int, BR: int, BC: int):
-    """(T, CHUNK): row chunks per member for the reductions, enough programs to fill the device."""
+def row_split(x: Tensor, P: int, R: int, C: int, BR: int, BC: int, per_sm: int = 4):
+    """(T, CHUNK): row chunks per member for the reductions, about ``per_sm`` programs per SM."""
     programs = P * cdiv(C, BC)
-    want = 4 * num_sms(x)
+    want = per_sm * num_sms(x)
     t = max(1, min(cdiv(want, programs), cdiv(R, BR)))
     chunk = cdiv(cdiv(R, t), BR) * BR
     return cdiv(R, chunk), chunk
@@ -180,7 +196,9 @@ def stats_partials(x: Tensor, members: int) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, M2) partials ``[P, T, C]`` of x's per-member channels (x non-empty)."""
     R, C, S, sp, sr, sc, ss, cl = view3(x, members)
     BR, BC, BS = tiles(R, C, S, cl)
-    T, chunk = row_split(x, members, R, C, BR, BC)
+    # Streaming programs: several waves of them keep enough loads in flight (4 per SM, one wave,
+    # left the H200 at 6-10% of copy bandwidth with two block reductions per tile).
+    T, chunk = row_split(x, members, R, C, BR, BC, per_sm=STATS_PROGRAMS_PER_SM)
     sdt = stat_dtype(x.dtype)
     cnt = torch.empty((members, T, C), dtype=sdt, device=x.device)
     mean, m2 = torch.empty_like(cnt), torch.empty_like(cnt)
