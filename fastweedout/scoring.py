@@ -31,6 +31,11 @@ _CPU_BUDGET_BYTES = 2 << 30
 # convolution per member at these sizes (compact at eta=0.8: 0.84 s with 16 members per chunk, 0.42 s
 # with 1). Small activations (WRN-16-2, B=16) still batch several members per chunk.
 _CPU_CHUNK_BYTES_PER_THREAD = 2 << 20
+# GPU, folded: images per chunk (members x B). Measured on an H200 (WRN-28-10, P=100, eta=0.8, bf16,
+# bench/results/NOTES.md): 6,400 images per folded convolution ran 1.11x the loop over members,
+# 16,896 ran 0.27x (47 GB held). One member's convolution over a few thousand images already fills
+# the GPU; folding more only adds memory traffic.
+_CUDA_FOLDED_IMAGES = 8192
 
 
 def as_masks(masks) -> Masks:
@@ -72,11 +77,12 @@ def auto_engine(masks: Masks, device: torch.device) -> str:
 
 
 def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
-               budget_bytes: float | None = None) -> int:
+               budget_bytes: float | None = None, device: torch.device | None = None) -> int:
     """Members per chunk so that a chunk's activations (and, for ``compact``, its members' gathered
     conv weights) fit ``budget_bytes`` (default: 60% of the GPU's free memory; on CPU, a chunk whose
     widest activation fits the threads' L2 caches, at least one member; see
-    ``_CPU_CHUNK_BYTES_PER_THREAD``)."""
+    ``_CPU_CHUNK_BYTES_PER_THREAD``); on a GPU a folded chunk holds at most ``_CUDA_FOLDED_IMAGES``
+    images. ``device``: where the scoring runs (default: the images' device)."""
     from .engines.compact import pad_multiple
     from .flops import padded_live
 
@@ -92,10 +98,11 @@ def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
         # and the next one's, are alive at once. At WRN-28-10 widths this passes 2^31 elements by ~580
         # members and dominates small batches.
         per_member += 2 * c.max_weight * images.element_size()
+    device = device or images.device
     if budget_bytes is not None:
         budget = budget_bytes
-    elif images.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(images.device)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         budget = 0.6 * free
     else:
         budget = _CPU_BUDGET_BYTES
@@ -103,7 +110,10 @@ def auto_chunk(model: WideResNet, images: Tensor, engine: str, masks: Masks,
             tensor = widest * b * max(4, images.element_size())
             cache = _CPU_CHUNK_BYTES_PER_THREAD * torch.get_num_threads()
             budget = min(budget, per_member * max(1, cache // tensor))
-    return max(1, min(masks.population, int(budget // per_member)))
+    chunk = int(budget // per_member)
+    if engine == "folded" and device.type == "cuda":
+        chunk = min(chunk, _CUDA_FOLDED_IMAGES // b)
+    return max(1, min(masks.population, chunk))
 
 
 def is_oom(e: BaseException) -> bool:

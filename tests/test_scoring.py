@@ -145,6 +145,15 @@ def test_auto_chunk_fits_wrn_28_10_population_on_80gb():
     # Compacting at eta=0.8 leaves ~5x fewer live activations per member: bigger chunks.
     sparse = fw.sample_masks(m, 100, 0.8)
     assert auto_chunk(m, images, "compact", sparse, budget_bytes=0.6 * 80e9) > 3 * chunk
+    # On a GPU a folded chunk holds at most 8,192 images (measured on an H200: more only adds traffic);
+    # the compact engine's chunks follow memory alone.
+    cuda = torch.device("cuda")
+    small = torch.empty(64, 3, 32, 32, device="meta")
+    assert auto_chunk(m, small, "folded", masks, budget_bytes=0.6 * 140e9, device=cuda) == 100  # 6,400 images
+    assert auto_chunk(m, images, "folded", masks, budget_bytes=0.6 * 140e9, device=cuda) == 8
+    assert auto_chunk(m, images, "folded", masks, budget_bytes=0.6 * 140e9) > 8  # memory alone elsewhere
+    assert auto_chunk(m, images, "compact", sparse, budget_bytes=0.6 * 140e9, device=cuda) == \
+        auto_chunk(m, images, "compact", sparse, budget_bytes=0.6 * 140e9)
 
 
 def test_out_of_memory_halves_the_chunk(monkeypatch):
