@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     gp = sub.add_parser("gpu", help="everything on one GPU: kernel tests, kernels, scoring, training (<= 9 min)")
     _common(gp, presets=False)
     gp.add_argument("--dry-run", action="store_true", help="the same steps on tiny shapes (CPU; what CI runs)")
-    gp.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (default 420)")
+    gp.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (default 450)")
     gp.add_argument("--skip", default="", help="comma list of tests,kernels,scoring,training to skip")
     gp.add_argument("--no-autotune", action="store_true", help="the Triton conv's default block sizes only")
 
