@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from fastweedout.stages import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "fastweedout.bench/2"
 # (name fragment, dense FLOP/s by precision, bytes/s); the first fragment found in the device name wins
@@ -49,17 +51,6 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def triton_version() -> str | None:

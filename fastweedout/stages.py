@@ -172,9 +172,22 @@ def evaluate_mask(model: WideResNet, masks: Masks, images: torch.Tensor, labels:
                 init_eval_images=seen, init_bn=bn)
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment(device: torch.device) -> dict:
+    """What a run's wall times depend on, recorded with its result."""
     env = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
-               platform=platform.platform(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
+               platform=platform.platform(), cpu=cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -344,6 +357,6 @@ def check_mask_fits(mask: Masks, cfg: RunConfig, data: Dataset, path: str) -> No
 
 
 __all__ = ["INIT_EVAL_IMAGES", "RunOutcome", "build_model", "check_against_data", "check_mask_fits",
-           "check_resources", "choose_mask", "derive_seed", "environment", "evaluate_mask", "given_config",
+           "check_resources", "choose_mask", "cpu_name", "derive_seed", "environment", "evaluate_mask", "given_config",
            "load_data", "mask_digest", "mask_record", "pretrain", "read_mask_file", "set_deterministic", "train_run",
            "validation_parts"]

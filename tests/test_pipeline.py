@@ -62,6 +62,8 @@ def test_a_run_writes_its_files_and_is_skipped_when_done(reference):
     search = next(r for r in recs if r.get("phase") == "search")
     assert search["flops"] > 0 and len(search["fitness"]) == 3 and len(search["fitness"][0]) == 4
     assert out.summary["final"]["epoch"] == 3 and 0 <= out.summary["final"]["test_acc"] <= 1
+    env = out.summary["environment"]  # what the wall times depend on, the processor included
+    assert env["cpu"] and env["threads"] >= 1 and env["torch"] == torch.__version__
     stamp = {f: os.stat(os.path.join(out.path, f)).st_mtime_ns for f in ("results.jsonl", "done", "mask.pt")}
     again = execute_run(cfg(), os.path.dirname(out.path), RT)
     assert again.skipped and again.summary == out.summary
