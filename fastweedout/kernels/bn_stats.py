@@ -51,9 +51,10 @@ def _bn_stats_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
     """Per (member p, row chunk t, channel block): count, mean and M2 of the chunk -> partials [P, T, C].
 
     The loop only streams: every lane accumulates its elements' deviations from a per-channel shift
-    (the mean of the chunk's first tile, so the sums stay small and ``M2 = sum d^2 - (sum d)^2 / n``
-    loses nothing to cancellation), and the lanes are reduced once at the end. No reduction, barrier
-    or division inside the loop, so the next tile's load never waits on the last one's arithmetic.
+    (the mean of the chunk's first tile: a mean of part of the same data, so in
+    ``M2 = sum d^2 - (sum d)^2 / n`` the cancellation is bounded by the chunk's size over the tile's),
+    and the lanes are reduced once at the end. No reduction, barrier or division inside the loop, so
+    the next tile's load never waits on the last one's arithmetic.
     """
     pid = tl.program_id(0).to(tl.int64)
     p = pid // T
