@@ -14,9 +14,10 @@ shape of WRN-28-10 inside the scoring step took 119 s on an H200):
    pytest process per file, in parallel) -> ``gpu.jsonl`` (pass/fail counts);
 2. ``kernels``: Triton conv vs cuDNN grouped vs dense folded, each epilogue vs copy bandwidth
    (``kernels.py``) -> ``kernels.jsonl``;
-3. ``scoring``: WRN-28-10, P=100, bf16, eta 0.8 / 0.4 / 0 (the headline first): loop, folded, compact, their Triton
-   variants, vmap and compiled-folded (``scoring.py``), at B=1000 images or the largest batch whose
-   estimated time fits the step's share (measured by a short probe) -> ``scoring.jsonl``;
+3. ``scoring``: WRN-28-10, P=100, bf16, eta 0.8 / 0.4 / 0 (the headline first): loop, folded,
+   compact, their Triton variants, vmap and compiled-folded (``scoring.py``), at B=1000 images or the
+   largest batch whose estimated time fits the step's share (measured by a short probe) ->
+   ``scoring.jsonl``;
 4. ``training``: dense and pruned (eta 0.8) WRN-28-10 training steps, torch.compile + bf16 autocast,
    channels_last (``training.py``) -> ``training.jsonl``.
 
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +101,22 @@ class GpuStepRecord(Record):
 
 
 # ------------------------------------------------------------------------------------ the steps
+@contextmanager
+def autotuning(on: bool):
+    """The Triton conv's per-shape block-size tuning inside the block only (the scoring step measures
+    the heuristic sizes: tuning every WRN-28-10 shape there took 119 s on an H200)."""
+    before = os.environ.get("FASTWEEDOUT_AUTOTUNE")
+    if on:
+        os.environ["FASTWEEDOUT_AUTOTUNE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FASTWEEDOUT_AUTOTUNE", None)
+        else:
+            os.environ["FASTWEEDOUT_AUTOTUNE"] = before
+
+
 def run_tests(p: GpuPlan, deadline: float, dry_run: bool) -> dict:
     """Each test file in its own pytest process (in parallel: Triton compiles per process)."""
     try:
@@ -192,16 +210,8 @@ def run_gpu(out: str | os.PathLike, device: torch.device, *, dry_run: bool = Fal
                 status = summary.pop("status")
                 note = summary.pop("note", "")
             elif step == "kernels":
-                tune = os.environ.get("FASTWEEDOUT_AUTOTUNE")
-                if autotune and device.type == "cuda":
-                    os.environ["FASTWEEDOUT_AUTOTUNE"] = "1"
-                try:
+                with autotuning(autotune and device.type == "cuda"):
                     rows = run_kernels(p.kernels, device, out / "kernels.jsonl", quiet=quiet, deadline=deadline)
-                finally:  # the scoring step measures the heuristic block sizes
-                    if tune is None:
-                        os.environ.pop("FASTWEEDOUT_AUTOTUNE", None)
-                    else:
-                        os.environ["FASTWEEDOUT_AUTOTUNE"] = tune
                 summary = summarize(rows)
             elif step == "scoring":
                 batch, note = _probe_batch(p, device, deadline - time.monotonic(), quiet)

@@ -241,14 +241,21 @@ def test_gpu_dry_run(tmp_path, one_thread, capsys):
     assert "== bench gpu --dry-run" in out and "compact-triton / folded" in out
 
 
-def test_gpu_plan_fits_one_call():
+def test_gpu_plan_fits_one_call(monkeypatch):
     """What the first H200 run taught (2026-12-04): the headline eta is scored first, the shares leave
     slack under a 10-minute call, and the kernels step's autotuning does not leak into the scoring step."""
     from bench import gpu
     p = gpu.plan(dry_run=False)
     assert p.scoring.etas[0] == max(p.scoring.etas) == 0.8
     assert abs(sum(p.share.values()) - 1) < 1e-9 and p.budget_s <= 450
+    monkeypatch.delenv("FASTWEEDOUT_AUTOTUNE", raising=False)
+    with gpu.autotuning(True):
+        assert os.environ["FASTWEEDOUT_AUTOTUNE"] == "1"
     assert "FASTWEEDOUT_AUTOTUNE" not in os.environ
+    monkeypatch.setenv("FASTWEEDOUT_AUTOTUNE", "0")  # a user's setting survives, also on an error
+    with pytest.raises(RuntimeError), gpu.autotuning(True):
+        raise RuntimeError
+    assert os.environ["FASTWEEDOUT_AUTOTUNE"] == "0"
 
 
 def test_append_jsonl_is_atomic_per_row(tmp_path):
