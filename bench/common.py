@@ -19,7 +19,7 @@ Method (all benchmarks):
   the git revision and the date.
 
 FLOPs follow FlopCounterMode's convention: 1 multiply-add = 2 FLOPs, convolutions and linear layers
-only (``fastweedout.flops.CONVENTION``).
+only (``fastweedout.cost.flops.CONVENTION``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastweedout.flops import CONVENTION
+from fastweedout.cost.flops import CONVENTION
 
 from .env import SCHEMA, Env, Peak, cold_compile, device_peak, load_average, precision, roofline, run_id
 

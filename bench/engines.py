@@ -83,7 +83,7 @@ def profile_eta0(out_dir, model_name: str = "wrn_16_4", population: int = 16, ba
     from torch.profiler import ProfilerActivity, profile
 
     import fastweedout as fw
-    from fastweedout.scoring import auto_chunk, score_population
+    from fastweedout.engines.scoring import auto_chunk, score_population
 
     from .common import load_average
 

@@ -154,7 +154,7 @@ def _probe_batch(p: GpuPlan, device, share_s: float, quiet: bool) -> tuple[int, 
     """The largest batch (of p.batches) whose estimated scoring time fits ``share_s``: one timed call of
     the folded engine (dense work) at a small batch, scaled linearly."""
     import fastweedout as fw
-    from fastweedout.scoring import score_population
+    from fastweedout.engines.scoring import score_population
     cfg = p.scoring
     if len(p.batches) == 1:
         return p.batches[0], ""

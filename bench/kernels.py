@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fastweedout import ops
+from fastweedout.ops import dispatch as ops
 
 from .common import (
     Env,
@@ -125,7 +125,7 @@ def _rows(base, fns, timings, errors, work, peak) -> list[KernelRecord]:
 
 def _conv_case(cfg, device, stage: int, eta: float, dense, base0, peak) -> list[KernelRecord]:
     """One stage's 3x3 conv at one eta: every method on the same compacted work, interleaved."""
-    from fastweedout import functional as ref
+    from fastweedout.ops import reference as ref
     dt = getattr(torch, cfg.dtype)
     P, B = cfg.members, cfg.batch
     c, hw = cfg.widths[stage - 1]
@@ -184,7 +184,7 @@ def bench_convs(cfg: KernelConfig, device, base0, peak, out_path, quiet) -> list
 
 def _epilogue_case(cfg, device, stage: int, layout: str, base0, peak) -> list[KernelRecord]:
     """One stage's activation in one layout: copy, then every fused epilogue, interleaved."""
-    from fastweedout.kernels import bn_act, bn_stats
+    from fastweedout.ops.triton import bn_act, bn_stats
     dt = getattr(torch, cfg.dtype)
     P, B = cfg.members, cfg.batch
     c, hw = cfg.widths[stage - 1]

@@ -2,7 +2,7 @@
 once (``torch.func.vmap`` over the stacked pruned weights), on the same population, the same K
 training batches and the same validation batch; the fitness of both is checked to agree.
 
-Both are ``fastweedout.member_steps`` (the library's two paths); useful FLOPs are the analytic K
+Both are ``fastweedout.search.member_steps`` (the library's two paths); useful FLOPs are the analytic K
 training steps of every member's pruned network plus its scoring forward (2 FLOPs per multiply-add).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import fastweedout as fw
-from fastweedout.member_steps import StepStream, _batched_fitness, _one_at_a_time, score_after_steps
+from fastweedout.search.member_steps import StepStream, _batched_fitness, _one_at_a_time, score_after_steps
 
 from .common import (
     Env,

@@ -1,10 +1,10 @@
 """Pipeline benchmark: one whole Weedout run, wall time and FLOPs per phase, and the search's share.
 
 Phases: ``search`` (``fastweedout.random_search`` on the validation split: P members x G generations
-scored on a fresh batch each), ``training`` (``fastweedout.training.train`` of the winner's pruned
+scored on a fresh batch each), ``training`` (``fastweedout.training.loop.train`` of the winner's pruned
 network, SGD) and ``evaluation`` (the test set after every epoch, inside ``train``). Each phase's
 wall time is what the library itself measures (``SearchResult.wall_time_s``, ``TrainResult.phases``);
-FLOPs are analytic (``fastweedout.flops``; 2 FLOPs per multiply-add): the search's useful (live
+FLOPs are analytic (``fastweedout.cost.flops``; 2 FLOPs per multiply-add): the search's useful (live
 sub-networks) and executed (what the engine ran) FLOPs, training's forward + backward FLOPs of the
 network trained, evaluation's forward FLOPs. One row per phase plus a ``total`` row; the ``share``
 columns are the phase's fraction of the run's total wall time and FLOPs.
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 import fastweedout as fw
-from fastweedout.datasets import DatasetError, SyntheticConfig, load_dataset
-from fastweedout.loader import DeviceLoader
-from fastweedout.training import TrainConfig, train
+from fastweedout.data.datasets import DatasetError, SyntheticConfig, load_dataset
+from fastweedout.data.loader import DeviceLoader
+from fastweedout.training.loop import TrainConfig, train
 
 from .common import Env, Record, append_jsonl, device_peak, fmt_num, fmt_s, load_average, precision, progress, run_id
 

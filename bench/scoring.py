@@ -18,8 +18,8 @@ so the baselines are as fair as the engines.
 
 Every method scores the same masks on the same images; its fitness is compared with ``loop``'s
 (``fitness_rel_err``). Reports time (median, quartiles, min/max of interleaved repeats; CPU time on
-CPU), members x images per second, useful and executed FLOPs (``fastweedout.flops.scoring_flops``;
-2 FLOPs per multiply-add) per second, bytes moved (``fastweedout.flops.scoring_bytes``) per second,
+CPU), members x images per second, useful and executed FLOPs (``fastweedout.cost.flops.scoring_flops``;
+2 FLOPs per multiply-add) per second, bytes moved (``fastweedout.cost.flops.scoring_bytes``) per second,
 both roofline ratios (useful FLOP/s / the compute peak *of the precision that ran*, bytes/s / the
 memory bandwidth), peak memory, and the speedup over ``loop`` (wall time, and CPU time on CPU).
 """
@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 import fastweedout as fw
-from fastweedout import ops
-from fastweedout.backend import MaskedBackend
+from fastweedout.cost.flops import scoring_bytes, scoring_flops
 from fastweedout.engines import FoldedBackend, pad_multiple
-from fastweedout.flops import scoring_bytes, scoring_flops
-from fastweedout.scoring import auto_chunk, member_losses, score_population
+from fastweedout.engines.scoring import auto_chunk, member_losses, score_population
+from fastweedout.model.backend import MaskedBackend
+from fastweedout.ops import dispatch as ops
 
 from .common import (
     Env,
@@ -124,7 +124,7 @@ class ScoringRecord(Record):
     executed_flops_per_s: float | None = None
     useful_fraction_of_peak: float | None = None  # useful FLOP/s / the peak of this row's precision
     peak_flops_per_s: float | None = None  # that peak
-    bytes_moved: int | None = None  # per call (fastweedout.flops.scoring_bytes; None: no model for this method)
+    bytes_moved: int | None = None  # per call (fastweedout.cost.flops.scoring_bytes; None: no model for this method)
     bytes_per_s: float | None = None
     bandwidth_fraction: float | None = None  # bytes/s / the device's memory bandwidth
     peak_bytes_per_s: float | None = None
@@ -218,7 +218,7 @@ def triton_status(device: torch.device, interpreter_ok: bool = False) -> tuple[b
             ok = ops.kernels_active(torch.empty(1, 1, 1, 1, device=device))
     except Exception as e:  # pragma: no cover - depends on the install
         return False, f"kernels unavailable: {e!r}"
-    return bool(ok), "" if ok else "fastweedout.kernels do not run on this device/dtype"
+    return bool(ok), "" if ok else "fastweedout.ops.triton do not run on this device/dtype"
 
 
 def engines_here(cfg: ScoringConfig, device: torch.device) -> tuple[list[str], dict[str, str]]:

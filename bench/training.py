@@ -1,16 +1,16 @@
 """Training-step benchmark: images/s of one SGD step, dense vs pruned (vs masked) at each sparsity,
 eager vs ``torch.compile``, fp32 vs bf16 autocast (GPU), with model FLOPs utilisation.
 
-A step is what ``fastweedout.training`` runs: forward (under bf16 autocast when asked), fp32
-cross-entropy, backward, SGD with Nesterov momentum and weight decay (``fastweedout.training.make_optimizer``),
+A step is what ``fastweedout.training.loop`` runs: forward (under bf16 autocast when asked), fp32
+cross-entropy, backward, SGD with Nesterov momentum and weight decay (``fastweedout.training.loop.make_optimizer``),
 on a batch resident on the device (channels_last on GPU). Variants:
 
 * ``dense``: the full network (eta = 0);
 * ``pruned``: ``model.prune(mask)``, the physically smaller network ``train()`` trains by default;
-* ``masked``: the full network under the mask (``fastweedout.training.MaskedNet``, ``TrainConfig(masked=True)``).
+* ``masked``: the full network under the mask (``fastweedout.training.loop.MaskedNet``, ``TrainConfig(masked=True)``).
 
 MFU = useful FLOPs of the step (forward + backward of the live sub-network,
-``fastweedout.flops.training_flops``; 2 FLOPs per multiply-add) per second / the device's peak;
+``fastweedout.cost.flops.training_flops``; 2 FLOPs per multiply-add) per second / the device's peak;
 ``executed`` FLOPs are what the variant computes (masked: the dense step).
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 import fastweedout as fw
-from fastweedout.flops import training_flops
-from fastweedout.training import MaskedNet, TrainConfig, criterion, make_optimizer
+from fastweedout.cost.flops import training_flops
+from fastweedout.training.loop import MaskedNet, TrainConfig, criterion, make_optimizer
 
 from .common import (
     Env,

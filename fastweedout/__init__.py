@@ -1,14 +1,22 @@
 """fastweedout: fast population scoring and Random Search (Weedout) for sparse Wide ResNets."""
 
-from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, SearchConfig, ThroughoutConfig, TrainConfig
-from .datasets import Dataset, DatasetError, SyntheticConfig, load_dataset
-from .flops import forward_flops, scoring_flops, train_step_flops, useful_flops
-from .masks import Masks, layer_sparsities, sample_masks
-from .model import WideResNet, create_model, list_models
-from .scoring import score_population
-from .search import SearchResult, random_mask, random_search
-from .training import TrainingDiverged, TrainResult, train
-from .world import World
+from fastweedout.config import (
+    DataConfig,
+    ModelConfig,
+    PruneConfig,
+    RunConfig,
+    SearchConfig,
+    ThroughoutConfig,
+    TrainConfig,
+)
+from fastweedout.cost.flops import forward_flops, scoring_flops, train_step_flops, useful_flops
+from fastweedout.data.datasets import Dataset, DatasetError, SyntheticConfig, load_dataset
+from fastweedout.engines.scoring import score_population
+from fastweedout.masks import Masks, layer_sparsities, sample_masks
+from fastweedout.model.wrn import WideResNet, create_model, list_models
+from fastweedout.search.weedout import SearchResult, random_mask, random_search
+from fastweedout.training.loop import TrainingDiverged, TrainResult, train
+from fastweedout.world import World
 
 __all__ = [
     "WideResNet", "create_model", "list_models", "Masks", "sample_masks", "layer_sparsities",

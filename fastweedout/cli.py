@@ -18,8 +18,8 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from . import flags
-from .config import (
+from fastweedout import flags
+from fastweedout.config import (
     GRID_ARMS,
     PRUNE_METHODS,
     SECTIONS,
@@ -30,7 +30,7 @@ from .config import (
     TrainConfig,
     build_run_config,
 )
-from .runs import RunError
+from fastweedout.experiment.runs import RunError
 
 PROG = "fastweedout"
 DEMO_RESULTS = os.path.join("runs", "demo")
@@ -141,9 +141,9 @@ def _final_line(out) -> str:
 
 
 def cmd_search(args, rt: Runtime) -> int:
-    from . import runs
-    from .grid import prepare
-    from .pipeline import execute_run
+    from fastweedout.experiment import runs
+    from fastweedout.experiment.grid import prepare
+    from fastweedout.experiment.pipeline import execute_run
 
     vals = _config_values(args)
     if vals["arm"] not in ("weedout",) + PRUNE_METHODS:
@@ -172,10 +172,10 @@ def cmd_search(args, rt: Runtime) -> int:
 
 
 def cmd_train(args, rt: Runtime) -> int:
-    from . import runs
-    from .grid import prepare
-    from .pipeline import execute_run
-    from .stages import check_mask_fits, given_config, read_mask_file
+    from fastweedout.experiment import runs
+    from fastweedout.experiment.grid import prepare
+    from fastweedout.experiment.pipeline import execute_run
+    from fastweedout.experiment.stages import check_mask_fits, given_config, read_mask_file
 
     vals = _config_values(args)
     mask = None
@@ -196,8 +196,8 @@ def cmd_train(args, rt: Runtime) -> int:
         cfg = build_run_config({**vals, "arm": "dense", "sparsity": 0.0})
     data = prepare([cfg], rt.results, rt)[runs.canonical_json(cfg.data)] if mask is None else None
     if mask is not None:
-        from .grid import precheck_results
-        from .stages import check_against_data, load_data
+        from fastweedout.experiment.grid import precheck_results
+        from fastweedout.experiment.stages import check_against_data, load_data
 
         precheck_results(rt.results)
         data = load_data(cfg.data, rt)
@@ -210,7 +210,7 @@ def cmd_train(args, rt: Runtime) -> int:
 
 
 def _grid(args, rt: Runtime, configs, *, wait: bool = True) -> int:
-    from .grid import run_grid
+    from fastweedout.experiment.grid import run_grid
 
     t0 = time.perf_counter()
     done = [0]
@@ -234,7 +234,7 @@ def _grid(args, rt: Runtime, configs, *, wait: bool = True) -> int:
 
 
 def cmd_run(args, rt: Runtime) -> int:
-    from .grid import run_grid
+    from fastweedout.experiment.grid import run_grid
 
     res = run_grid([build_run_config(_config_values(args))], rt.results, rt)
     for _, err in res.failures:
@@ -245,7 +245,7 @@ def cmd_run(args, rt: Runtime) -> int:
 
 
 def cmd_experiment(args, rt: Runtime) -> int:
-    from .grid import grid_configs
+    from fastweedout.experiment.grid import grid_configs
 
     axes = _config_values(args)
     return _grid(args, rt, grid_configs({k: v if isinstance(v, list) else [v] for k, v in axes.items()}),
@@ -253,7 +253,7 @@ def cmd_experiment(args, rt: Runtime) -> int:
 
 
 def cmd_report(args, rt) -> int:
-    from .report import write_report
+    from fastweedout.analysis.report import write_report
 
     rep = write_report(args.results_dir, args.out)
     col = rep.collection
@@ -265,7 +265,7 @@ def cmd_report(args, rt) -> int:
 
 
 def cmd_demo(args, rt: Runtime) -> int:
-    from .grid import grid_configs
+    from fastweedout.experiment.grid import grid_configs
 
     vals = _config_values(args)
     print(f"demo: WRN-10-1 on {vals['data.train_subset']} {vals['data.name']} training images, "
@@ -274,7 +274,7 @@ def cmd_demo(args, rt: Runtime) -> int:
           "dense network", flush=True)
     t0 = time.perf_counter()
     configs = grid_configs({"sparsity": [0.0, vals.pop("sparsity")], "arm": ["weedout", "random"]}, vals)
-    from .grid import run_grid
+    from fastweedout.experiment.grid import run_grid
 
     res = run_grid(configs, rt.results, rt)
     for cfg, err in res.failures:
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 torch.set_num_threads(rt.threads)
             if rt.deterministic:
-                from .stages import set_deterministic
+                from fastweedout.experiment.stages import set_deterministic
 
                 set_deterministic()
         return COMMANDS[args.command](args, rt)
@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return 2
     except RuntimeError as e:
-        from .training import TrainingDiverged
+        from fastweedout.training.loop import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
             print(f"{PROG} {command}: error: {_one_line(e)}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Every configuration of a run, declared once (default, help, range, choices per field).
 
 A run is a pure function of its :class:`RunConfig`: its canonical JSON (every field, defaults
-included) is hashed into the run directory's name (``fastweedout.runs``). The command-line flags are
+included) is hashed into the run directory's name (``fastweedout.experiment.runs``). The command-line flags are
 generated from these fields (``fastweedout.flags``); :class:`Runtime` holds what does not change a
 run's results (paths, device, progress bars) and never enters the hash.
 """
@@ -12,15 +12,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .backend import BN_MODES
-from .datasets import DATASETS, SyntheticConfig, dataset_key
-from .fields import check, opt
-from .masks import MODES
-from .model import WideResNet, parse_model_name
-from .runs import config_hash, to_jsonable
+from fastweedout.data.datasets import DATASETS, SyntheticConfig, dataset_key
+from fastweedout.experiment.runs import config_hash, to_jsonable
+from fastweedout.fields import check, opt
+from fastweedout.masks import MODES
+from fastweedout.model.backend import BN_MODES
+from fastweedout.model.wrn import WideResNet, parse_model_name
 
 ENGINES = ("auto", "loop", "folded", "compact")  # node masks
-WEIGHT_ENGINES = ("auto", "loop", "grouped")  # weight masks (fastweedout.weights)
+WEIGHT_ENGINES = ("auto", "loop", "grouped")  # weight masks (fastweedout.engines.weight_scoring)
 METRICS = ("loss", "accuracy")
 STRATEGIES = ("random", "tournament", "evolution")
 SCHEDULES = ("cosine", "step")
@@ -230,7 +230,7 @@ class RunConfig:
 
     @property
     def hash(self) -> str:
-        """The run's identity: sha256 of the canonical JSON of the whole config (``fastweedout.runs``)."""
+        """The run's identity: sha256 of the canonical JSON of the whole config (``fastweedout.experiment.runs``)."""
         return config_hash(self)
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .fields import field_type, parse_value
+from fastweedout.fields import field_type, parse_value
 
 #: plural spellings accepted for the grid's usual axes
 ALIASES = {"sparsity": "--sparsities", "arm": "--arms", "seed": "--seeds", "search.population": "--populations",
@@ -101,7 +101,7 @@ def values(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
 
 
 def runtime_of(args: argparse.Namespace):
-    from .config import Runtime
+    from fastweedout.config import Runtime
 
     return Runtime(**values(args, "runtime."))
 

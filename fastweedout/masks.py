@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .atomic import atomic_torch_save
+from fastweedout.atomic import atomic_torch_save
 
 Sparsity = float | Mapping[str, float] | Sequence[float]
 MODES = ("layerwise", "global")

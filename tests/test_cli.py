@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from fastweedout import runs
 from fastweedout.cli import main
+from fastweedout.experiment import runs
 from helpers import CLI_DATA, CLI_SEARCH, run_dirs, snapshot  # noqa: F401
 
 DATA, SEARCH = CLI_DATA, CLI_SEARCH

@@ -9,9 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastweedout import datasets as D
-from fastweedout.datasets import DatasetError, Split, SyntheticConfig, holdout, load_dataset, read_idx, write_idx
-from fastweedout.loader import DeviceLoader, crop_flip
+from fastweedout.data import datasets as D
+from fastweedout.data.datasets import (
+    DatasetError,
+    Split,
+    SyntheticConfig,
+    holdout,
+    load_dataset,
+    read_idx,
+    write_idx,
+)
+from fastweedout.data.loader import DeviceLoader, crop_flip
 
 IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fastweedout import runs
+from fastweedout.experiment import runs
 
 pytestmark = pytest.mark.slow
 

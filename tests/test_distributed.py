@@ -21,12 +21,12 @@ import torch
 import torch.multiprocessing as mp
 
 import fastweedout as fw
-import fastweedout.claims as D
+import fastweedout.experiment.claims as D
 import fastweedout.world as W
 from fastweedout.config import TrainConfig
-from fastweedout.datasets import load_dataset
-from fastweedout.loader import DeviceLoader
-from fastweedout.training import criterion, lr_factor, make_optimizer, train
+from fastweedout.data.datasets import load_dataset
+from fastweedout.data.loader import DeviceLoader
+from fastweedout.training.loop import criterion, lr_factor, make_optimizer, train
 
 WORLD = 2
 TIMEOUT_S = 60
@@ -119,7 +119,7 @@ def test_world_and_distributed_argument_without_a_process_group(monkeypatch):
 
 
 def test_done_marker_name_matches_run_directories():
-    from fastweedout import runs
+    from fastweedout.experiment import runs
 
     assert D.DONE_NAME == runs.DONE_NAME
     assert D.CLAIM_NAME != getattr(runs, "LOCK_NAME", None)
@@ -362,7 +362,7 @@ def test_train_validates_its_distributed_arguments():
 # ------------------------------------------------------------------------------------ the grid over ranks
 GRID_WORKER = textwrap.dedent("""
     import json, os, sys, time
-    import fastweedout.claims as D
+    import fastweedout.experiment.claims as D
     from fastweedout.world import env_world
 
     root, n, hang = sys.argv[1], int(sys.argv[2]), sys.argv[3]

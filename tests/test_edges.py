@@ -11,13 +11,15 @@ import warnings
 import pytest
 import torch
 
-import fastweedout.pipeline as P
-import fastweedout.stages as E
-from fastweedout import Masks, atomic, checkpoint, runs
+import fastweedout.experiment.pipeline as P
+import fastweedout.experiment.stages as E
+from fastweedout import Masks, atomic
 from fastweedout.cli import main
+from fastweedout.experiment import runs
+from fastweedout.training import checkpoint
 from helpers import CLI_DATA, CLI_SEARCH, run_dirs, snapshot  # noqa: F401
 
-T = __import__("importlib").import_module("fastweedout.training")
+T = __import__("importlib").import_module("fastweedout.training.loop")
 
 DATA, SEARCH = CLI_DATA, CLI_SEARCH
 TRAIN = ["--batch-size", "64", "--epochs", "2"]

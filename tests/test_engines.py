@@ -12,16 +12,16 @@ import pytest
 import torch
 
 import fastweedout as fw
-from fastweedout import ops
 from fastweedout.engines import PAD_MULTIPLE, CompactBackend, FoldedBackend
+from fastweedout.engines.scoring import auto_chunk, population_logits, score_population
 from fastweedout.masks import Masks
-from fastweedout.scoring import auto_chunk, population_logits, score_population
+from fastweedout.ops import dispatch as ops
 from helpers import randomize_bn
 from tolerances import GPU_LOGITS_TOL, TOL
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 try:
-    from fastweedout.kernels import _common
+    from fastweedout.ops.triton import _common
     KERNELS = _common.INTERPRET or torch.cuda.is_available()
 except ImportError:  # pragma: no cover - no Triton
     KERNELS = False

@@ -1,4 +1,4 @@
-"""The analytic FLOP counter (fastweedout.flops) against torch's FlopCounterMode and a hand count.
+"""The analytic FLOP counter (fastweedout.cost.flops) against torch's FlopCounterMode and a hand count.
 
 Convention everywhere: 1 multiply-add = 2 FLOPs, convolutions and linear layers only (FlopCounterMode's).
 """
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastweedout as fw
-from fastweedout.flops import (
+from fastweedout.cost.flops import (
     CONVENTION,
     count_forward,
     counted_flops,
@@ -19,8 +19,8 @@ from fastweedout.flops import (
     training_flops,
     useful_flops,
 )
-from fastweedout.scoring import population_logits
-from fastweedout.training import MaskedNet
+from fastweedout.engines.scoring import population_logits
+from fastweedout.training.loop import MaskedNet
 from helpers import batch, randomize_bn
 
 
@@ -217,7 +217,7 @@ def test_scoring_bytes_hand_count():
       block 3: 768 + 384 + 384 + 384 + 256 + 384 = 2560; final epilogue 384 + mean 128
       total 15,408 elements = 61,632 bytes; weights 77,360 elements (the dense network) = 309,440 bytes
     """
-    from fastweedout.flops import scoring_bytes
+    from fastweedout.cost.flops import scoring_bytes
     m = fw.create_model("wrn_10_1")
     masks = fw.sample_masks(m, 2, 0.5, generator=torch.Generator().manual_seed(0))
     assert {k: v.tolist() for k, v in masks.live_counts().items()} == {
@@ -238,7 +238,7 @@ def test_scoring_bytes_hand_count():
 def test_scoring_bytes_fused_pass_moves_fewer_bytes():
     """The fused compact engine moves ~5 activation-sized tensors per block, the eager engines more;
     bf16 halves every count; running BN needs no statistics pass."""
-    from fastweedout.flops import scoring_bytes
+    from fastweedout.cost.flops import scoring_bytes
     m = fw.create_model("wrn_16_4")
     masks = fw.sample_masks(m, 4, 0.8, generator=torch.Generator().manual_seed(0))
     b = {(e, k): scoring_bytes(m, masks, 8, 32, e, kernels=k, pad_multiple=16 if k else 1)["activations"]

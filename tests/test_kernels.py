@@ -1,4 +1,4 @@
-"""The Triton kernels against their PyTorch references (fastweedout.functional), upcast to float64.
+"""The Triton kernels against their PyTorch references (fastweedout.ops.reference), upcast to float64.
 
 Runs under TRITON_INTERPRET=1 on CPU (conftest sets it): tiny, odd shapes; fp32 and fp16 (the
 interpreter has no bf16 arithmetic). Tolerances are data, per dtype.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastweedout import functional as ref
+from fastweedout.ops import reference as ref
 
-bn_act = pytest.importorskip("fastweedout.kernels.bn_act")
-gconv = pytest.importorskip("fastweedout.kernels.grouped_conv")
-from fastweedout.kernels import _common, _conv, bn_act_backward, bn_stats  # noqa: E402
+bn_act = pytest.importorskip("fastweedout.ops.triton.bn_act")
+gconv = pytest.importorskip("fastweedout.ops.triton.grouped_conv")
+from fastweedout.ops.triton import _common, _conv, bn_act_backward, bn_stats  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if not (_common.INTERPRET or torch.cuda.is_available()):
@@ -298,7 +298,7 @@ def _opcheck_cases():
     mean, var = torch.randn(P, C, device=DEV), torch.rand(P, C, device=DEV) + 0.5
     gx = torch.randn(2, 3 * 4, 5, 5, device=DEV, requires_grad=True)
     gw = torch.randn(3, 6, 4, 3, 3, device=DEV, requires_grad=True)
-    from fastweedout.kernels import conv_block  # noqa: F401  (registers fastweedout::fused_conv)
+    from fastweedout.ops.triton import fused_conv  # noqa: F401  (registers fastweedout::fused_conv)
     bnw, bnb = torch.rand(18, device=DEV, requires_grad=True), torch.randn(3, 6, device=DEV, requires_grad=True)
     gm = torch.rand(18, device=DEV)
     grm, grv = torch.randn(18, device=DEV), torch.rand(18, device=DEV) + 0.5

@@ -53,7 +53,7 @@ def _bn_values(cl: bool, aligned: bool = True) -> dict:
 
 
 def variants(quick: bool = False) -> list[dict]:
-    from fastweedout.kernels import _conv, bn_stats
+    from fastweedout.ops.triton import _conv, bn_stats
     out = []
 
     def add(kernel, module, dt, ptrs, ints, consts, nw=4, ns=3, tag=""):
@@ -166,7 +166,7 @@ def compile_variant(v: dict, sm: int = 90) -> dict:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    fn = getattr(importlib.import_module(f"fastweedout.kernels.{v['module']}"), v["kernel"])
+    fn = getattr(importlib.import_module(f"fastweedout.ops.triton.{v['module']}"), v["kernel"])
     tldt = {"fp32": tl.float32, "fp64": tl.float64}
     consts = {k: (tldt[c] if k == "ACC" else c) for k, c in v["consts"].items()}
     sig, attrs = {}, {}

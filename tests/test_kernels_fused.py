@@ -1,4 +1,4 @@
-"""GPU-path fixes and the fused pass, each against the reference (fastweedout.functional).
+"""GPU-path fixes and the fused pass, each against the reference (fastweedout.ops.reference).
 
 Under TRITON_INTERPRET=1 on CPU (tiny odd shapes, fp32/fp16); the same tests run on a GPU. What
 only a GPU shows is proved by tests/test_kernels_aot.py (PTX) and the ``gpu`` tests here.
@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastweedout import functional as ref
-from fastweedout import ops
+from fastweedout.ops import dispatch as ops
+from fastweedout.ops import reference as ref
 
 pytest.importorskip("triton")
-from fastweedout.kernels import _common, _conv, bn_act, bn_act_backward, bn_stats, conv_block, grouped_conv  # noqa: E402
+from fastweedout.ops.triton import _common, _conv, bn_act, bn_act_backward, bn_stats, grouped_conv
+from fastweedout.ops.triton import fused_conv as conv_block
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if not (_common.INTERPRET or torch.cuda.is_available()):
@@ -308,7 +309,7 @@ def test_kernels_unavailable_on_cuda_fail_loudly(monkeypatch):
 
 def test_library_never_sets_triton_interpret():
     code = ("import os, torch, fastweedout as fw\n"
-            "from fastweedout import ops\n"
+            "from fastweedout.ops import dispatch as ops\n"
             "m = fw.create_model('wrn_10_1')\n"
             "masks = fw.sample_masks(m, 2, 0.5, generator=0)\n"
             "x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))\n"

@@ -1,4 +1,4 @@
-"""fastweedout.ops dispatch: kernels switched on give the reference's results (ops and engines end to
+"""fastweedout.ops.dispatch dispatch: kernels switched on give the reference's results (ops and engines end to
 end); switched off (or where they cannot run) ops *are* the reference."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastweedout import functional as ref
-from fastweedout import ops
+from fastweedout.ops import dispatch as ops
+from fastweedout.ops import reference as ref
 
 pytest.importorskip("triton")
-from fastweedout.kernels import _common  # noqa: E402
+from fastweedout.ops.triton import _common
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if not (_common.INTERPRET or torch.cuda.is_available()):
@@ -52,7 +52,7 @@ CASES = {
 def _spy(monkeypatch):
     """Count calls into the kernel entry points."""
     calls = []
-    from fastweedout.kernels import bn_act, grouped_conv
+    from fastweedout.ops.triton import bn_act, grouped_conv
     for mod, name in [(bn_act, "population_bn_act"), (grouped_conv, "grouped_conv"),
                       (grouped_conv, "grouped_conv_bn_act")]:
         orig = getattr(mod, name)
@@ -134,7 +134,7 @@ def test_ops_kernels_backward_matches_reference():
 @pytest.mark.parametrize("bn", ["batch", "running"])
 @pytest.mark.parametrize("engine", ["folded", "compact"])
 def test_engines_with_kernels_match_loop(engine, bn):
-    scoring = pytest.importorskip("fastweedout.scoring")
+    scoring = pytest.importorskip("fastweedout.engines.scoring")
     from fastweedout import WideResNet, sample_masks
     torch.manual_seed(0)
     model = WideResNet(depth=10, width=1, num_classes=5, in_channels=3).to(DEV).eval()
@@ -187,7 +187,7 @@ def test_compile_fullgraph_inductor():
 
 def test_gather_conv_weight_matches_indexing_and_conv():
     """One gather (functional.gather_conv_weight, re-exported by ops), straight into the packed layout."""
-    from fastweedout.kernels import _conv, grouped_conv
+    from fastweedout.ops.triton import _conv, grouped_conv
     assert ops.gather_conv_weight is ref.gather_conv_weight
     assert not hasattr(grouped_conv, "gather_weight") and not hasattr(_conv, "gather_weight")
     w = torch.randn(7, 6, 3, 3, device=DEV)

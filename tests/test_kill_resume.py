@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from fastweedout import runs
+from fastweedout.experiment import runs
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,8 @@ import torch
 torch.set_num_threads(1)
 torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # pays torch._dynamo's lazy import once, here
 import fastweedout.cli as C
-import fastweedout.pipeline, fastweedout.grid, fastweedout.training, fastweedout.search, fastweedout.report
+import fastweedout.experiment.pipeline, fastweedout.experiment.grid, fastweedout.training.loop
+import fastweedout.search.weedout, fastweedout.analysis.report
 slow = float(sys.argv[1])
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:

@@ -120,6 +120,6 @@ def test_compiles_fullgraph():
     m = fw.WideResNet(10, 1, num_classes=3).eval()
     mem = {k: v.float() for k, v in fw.sample_masks(m, 1, 0.5).member(0).items()}
     x = torch.randn(2, 3, 8, 8)
-    from fastweedout.backend import MaskedBackend
+    from fastweedout.model.backend import MaskedBackend
     f = torch.compile(lambda x, mk: m.walk(MaskedBackend(mk, "batch", False), x), fullgraph=True, backend="eager")
     torch.testing.assert_close(f(x, mem), m.walk(MaskedBackend(mem, "batch", False), x))

@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-import fastweedout.search as S
-import fastweedout.stages as E
-from fastweedout import runs
-from fastweedout.checkpoint import CHECKPOINT_NAME
+import fastweedout.experiment.stages as E
+import fastweedout.search.weedout as S
 from fastweedout.config import DataConfig, ModelConfig, Runtime, SearchConfig, TrainConfig, make_run_config
-from fastweedout.grid import grid_configs, run_grid
-from fastweedout.pipeline import execute_run
+from fastweedout.experiment import runs
+from fastweedout.experiment.grid import grid_configs, run_grid
+from fastweedout.experiment.pipeline import execute_run
+from fastweedout.training.checkpoint import CHECKPOINT_NAME
 
 DATA = DataConfig("synthetic", val_size=64, synthetic=dict(train_size=320, test_size=96, image_size=12))
 RT = Runtime(device="cpu", progress=False)
@@ -266,8 +266,8 @@ def test_bn_recalibration_of_the_pruned_winner():
     running mean is the mean of its inputs over the recalibration images (equal batches: the mean of
     the batch means), whatever was there before."""
     import fastweedout as fw
-    from fastweedout.loader import DeviceLoader
-    from fastweedout.throughout import recalibrate_bn
+    from fastweedout.data.loader import DeviceLoader
+    from fastweedout.experiment.during_training import recalibrate_bn
 
     data = fw.load_dataset("synthetic", synthetic=dict(train_size=256, test_size=16, val_size=16, image_size=8))
     net = fw.WideResNet(10, 2, num_classes=10, in_channels=1).prune(

@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fastweedout.grid as E
+import fastweedout.experiment.grid as E
 from fastweedout import Masks, create_model, sample_masks, score_population
 from fastweedout.cli import main
 

@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 
 import fastweedout as fw
-from fastweedout.backend import MaskedBackend
-from fastweedout.flops import count_forward, counted_flops
-from fastweedout.prune_init import METHODS, PruneConfig, keep_top, node_scores, off_counts, prune_at_init
+from fastweedout.cost.flops import count_forward, counted_flops
+from fastweedout.model.backend import MaskedBackend
+from fastweedout.search.prune_init import (
+    METHODS,
+    PruneConfig,
+    keep_top,
+    node_scores,
+    off_counts,
+    prune_at_init,
+)
 from helpers import batch, randomize_bn, state_snapshot
 
 FAST = PruneConfig(iterations=4)

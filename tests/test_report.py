@@ -7,9 +7,10 @@ import os
 import pytest
 from scipy import special
 
-from fastweedout import plots, report, runs, stats
+from fastweedout.analysis import plots, report, stats
 from fastweedout.config import DataConfig, ModelConfig, SearchConfig, TrainConfig, make_run_config
-from fastweedout.runs import RunDir, RunError
+from fastweedout.experiment import runs
+from fastweedout.experiment.runs import RunDir, RunError
 
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles from a table
 
@@ -225,7 +226,7 @@ def test_report_errors(tmp_path):
 
 
 def test_figure_labels_name_what_tells_series_apart():
-    from fastweedout.plots import label, style
+    from fastweedout.analysis.plots import label, style
 
     a, b = "weedout/layerwise/node/P100xG5/loss/batch/random", "weedout/layerwise/node/P100xG5/accuracy/batch/random"
     k = "random/layerwise/node/k5"

@@ -8,9 +8,9 @@ import tempfile
 
 import pytest
 
-from fastweedout import runs
 from fastweedout.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, make_run_config
-from fastweedout.runs import RunDir, RunError
+from fastweedout.experiment import runs
+from fastweedout.experiment.runs import RunDir, RunError
 
 
 def base_config(**kw) -> RunConfig:

@@ -136,7 +136,7 @@ def test_bad_inputs():
 
 
 def test_auto_chunk_fits_wrn_28_10_population_on_80gb():
-    from fastweedout.scoring import auto_chunk
+    from fastweedout.engines.scoring import auto_chunk
     m = fw.create_model("wrn_28_10")
     masks = fw.sample_masks(m, 100, 0.0)
     images = torch.empty(1000, 3, 32, 32, device="meta")
@@ -157,7 +157,7 @@ def test_auto_chunk_fits_wrn_28_10_population_on_80gb():
 
 
 def test_out_of_memory_halves_the_chunk(monkeypatch):
-    import fastweedout.scoring as S
+    import fastweedout.engines.scoring as S
     m = fw.WideResNet(10, 1)
     x, y = batch(m)
     masks = fw.sample_masks(m, 6, 0.5, generator=0)

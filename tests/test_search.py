@@ -79,7 +79,7 @@ def test_resume_from_checkpoint(tmp_path):
     assert again.winner == full.winner and torch.equal(again.fitness, full.fitness)
     # Interrupted after 2 generations: simulate by running a 2-generation search's state.
     ck2 = tmp_path / "s2.pt"
-    import fastweedout.search as S
+    import fastweedout.search.weedout as S
     calls = []
     real = S.score_population
 
@@ -148,7 +148,7 @@ def test_mutation_strategies_keep_sparsity_and_elite(strategy):
 
 
 def test_mutate_swaps_within_layers():
-    from fastweedout.search import mutate
+    from fastweedout.search.weedout import mutate
     m = fw.WideResNet(10, 2)
     parent = fw.sample_masks(m, 1, 0.5, generator=0)
     kids = mutate(parent, 4, 0.25, torch.Generator().manual_seed(0))
@@ -159,7 +159,7 @@ def test_mutate_swaps_within_layers():
 
 
 def test_member_steps_train_each_member_before_scoring():
-    from fastweedout.member_steps import StepStream
+    from fastweedout.search.member_steps import StepStream
 
     data = fw.load_dataset("synthetic", synthetic=dict(train_size=96, test_size=16, val_size=24, image_size=8))
     m = fw.WideResNet(10, 1, num_classes=10, in_channels=1)
@@ -176,7 +176,7 @@ def test_member_steps_train_each_member_before_scoring():
     assert not torch.allclose(a.fitness, plain.fitness)  # the steps changed the scores
     assert a.engine == "member-steps" and a.flops_useful > plain.flops_useful  # the steps are paid for (CPU path)
     # Member i's fitness equals its pruned network trained alone on the same batches, then scored.
-    from fastweedout.member_steps import train_member
+    from fastweedout.search.member_steps import train_member
     pop = fw.sample_masks(m, 3, 0.5, generator=1)
     idx = torch.randperm(24, generator=torch.Generator().manual_seed(1 + 0x5EED))[:24]
     torch.manual_seed(2 * 7919 + 0)
@@ -192,7 +192,7 @@ def test_member_steps_train_each_member_before_scoring():
 def test_member_steps_batched_equals_one_member_at_a_time(metric):
     """The stacked (vmap) training of members gives each member's fitness as training it alone does;
     global masks (members of different shapes), running BN and dropout take the one-at-a-time path."""
-    from fastweedout.member_steps import (
+    from fastweedout.search.member_steps import (
         StepStream,
         _batched_fitness,
         _one_at_a_time,
@@ -224,7 +224,7 @@ def test_member_steps_batched_equals_one_member_at_a_time(metric):
 @pytest.mark.gpu
 def test_member_steps_batched_on_gpu():
     """On a GPU the stacked path runs by default and agrees with training each member alone (tf32)."""
-    from fastweedout.member_steps import StepStream, _one_at_a_time, score_after_steps
+    from fastweedout.search.member_steps import StepStream, _one_at_a_time, score_after_steps
     from tolerances import GPU_LOGITS_TOL
 
     data = fw.load_dataset("synthetic", synthetic=dict(train_size=96, test_size=16, val_size=32, image_size=8))

@@ -7,13 +7,20 @@ import pytest
 import torch
 
 from fastweedout import WideResNet, create_model, sample_masks
-from fastweedout.checkpoint import CHECKPOINT_NAME, PREV_NAME
 from fastweedout.config import TrainConfig
-from fastweedout.datasets import load_dataset
-from fastweedout.flops import forward_flops
-from fastweedout.training import EpochRecord, MaskedNet, TrainingDiverged, lr_factor, make_optimizer, train
+from fastweedout.cost.flops import forward_flops
+from fastweedout.data.datasets import load_dataset
+from fastweedout.training.checkpoint import CHECKPOINT_NAME, PREV_NAME
+from fastweedout.training.loop import (
+    EpochRecord,
+    MaskedNet,
+    TrainingDiverged,
+    lr_factor,
+    make_optimizer,
+    train,
+)
 
-T = importlib.import_module("fastweedout.training")  # the module (fastweedout.train is the function)
+T = importlib.import_module("fastweedout.training.loop")  # the module (fastweedout.train is the function)
 
 
 def tiny_data(train_size=320, test_size=64, image_size=12, channels=1):
@@ -156,7 +163,7 @@ def test_damaged_checkpoint_falls_back_to_the_copy_and_a_stale_copy_is_refreshed
     import shutil
     shutil.copy(tmp_path / "a" / PREV_NAME, d / PREV_NAME)
     prev = torch.load(d / PREV_NAME, weights_only=True)["epoch"]
-    import fastweedout.checkpoint as C
+    import fastweedout.training.checkpoint as C
     state = C.load(d, torch.load(d / CHECKPOINT_NAME, weights_only=True)["identity"], None)
     assert state["epoch"] == 2 and torch.load(d / PREV_NAME, weights_only=True)["epoch"] == 2 and prev == 2
     C.finish(d)

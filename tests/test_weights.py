@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastweedout as fw
-from fastweedout import ops
-from fastweedout import weights as W
-from fastweedout.flops import count_forward, counted_flops, train_step_flops
+from fastweedout.cost.flops import count_forward, counted_flops, train_step_flops
+from fastweedout.engines import weight_scoring as W
+from fastweedout.engines.grouped_weights import GroupedWeightBackend
 from fastweedout.masks import Masks
-from fastweedout.weights_engine import GroupedWeightBackend
+from fastweedout.ops import dispatch as ops
 from helpers import batch, randomize_bn, state_snapshot
 from tolerances import FITNESS_RTOL, TOL
 

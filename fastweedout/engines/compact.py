@@ -16,7 +16,7 @@ Two paths, the same function:
   (the raw tensor, its batch moments, and the consumer's scale/shift with the mask folded in) and
   is applied in the next convolution's A-tile prologue; conv2 adds the residual and writes the
   statistics partials of the block output in its epilogue (``ops.fused_conv``). A block then moves
-  about 5 activation-sized tensors instead of about 12 (``fastweedout.flops.scoring_bytes``).
+  about 5 activation-sized tensors instead of about 12 (``fastweedout.cost.flops.scoring_bytes``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..backend import BaseBackend
+from fastweedout.model.backend import BaseBackend
+from fastweedout.ops import dispatch as ops
 
 #: live channels per member and node set are rounded up to this multiple where the kernels run
 PAD_MULTIPLE = 16

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..backend import BaseBackend, batch_norm
+from fastweedout.model.backend import BaseBackend, batch_norm
+from fastweedout.ops import dispatch as ops
 
 
 class FoldedBackend(BaseBackend):

@@ -19,11 +19,17 @@ import os
 import torch
 from scipy import stats as sps
 
-from fastweedout import runs
+from fastweedout.experiment import runs
 from fastweedout.config import DataConfig, ModelConfig, make_run_config
 from fastweedout.masks import sample_masks
-from fastweedout.scoring import auto_engine, population_logits
-from fastweedout.stages import INIT_EVAL_BATCH, build_model, derive_seed, load_data, validation_parts
+from fastweedout.engines.scoring import auto_engine, population_logits
+from fastweedout.experiment.stages import (
+    INIT_EVAL_BATCH,
+    build_model,
+    derive_seed,
+    load_data,
+    validation_parts,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

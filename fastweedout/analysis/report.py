@@ -1,0 +1,444 @@
+"""Tables and plots from a results directory: the paper's Figure 2, per-epoch curves, the search
+studies' axes, statistics.
+
+Runs are grouped into *experiments* (same data, model, training and pipeline version) and, inside an
+experiment, into *series* (how the mask was chosen: arm, sparsity mode, granularity, search or
+pruning settings, pretraining) evaluated at each sparsity. The dense parent (eta = 0) belongs to
+every series of its experiment. For every (series, sparsity): the mean and the 95% t-interval over
+seeds; every non-random series is compared with its *control*, the random series of the same mode,
+granularity and pretraining, by a paired t-test over seeds (runs with the same seed share the
+initial weights, the validation split and the data order), with Holm's correction over all the
+comparisons of a metric in the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from fastweedout.analysis.plots import (
+    label,
+    plot_axes,
+    plot_curves,
+    plot_differences,
+    plot_figure2,
+    plot_search,
+)
+from fastweedout.analysis.stats import CONFIDENCE, holm, mean_ci, paired
+from fastweedout.experiment import runs
+from fastweedout.experiment.runs import RunError
+
+PHASES = ("pretrain", "search", "training", "evaluation")
+METRICS = ("train_acc", "test_acc", "init_val_acc", "init_val_loss")
+PAPER_DROP = 15.0  # points of test accuracy lost dense -> eta 0.8 on CIFAR-10 (Farahani 2024)
+
+
+@dataclass
+class Run:
+    path: str
+    config: dict
+    arm: str
+    sparsity: float
+    seed: int
+    experiment: str  # data + model + training + version
+    series: str  # how the mask was chosen
+    control: str | None  # the random series it is compared with (None: random and dense runs)
+    final: dict
+    init: dict
+    phases: dict  # phase -> {"wall_s", "flops"}
+    epochs: list[dict]
+    elite_wins: float | None  # fraction of generations >= 2 won by the carried-over elite
+    search: dict | None  # the search phase record (fitness per generation)
+
+
+@dataclass
+class Collection:
+    runs: list[Run] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)  # run dirs without a done marker
+    search_only: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # finished, but results.jsonl cannot be read
+
+
+def experiment_key(cfg: dict) -> str:
+    return runs.config_hash({k: cfg.get(k) for k in ("data", "model", "training", "version")})[:8]
+
+
+def _k(cfg: dict) -> str:
+    k = cfg.get("pretrain_steps") or 0
+    return f"/k{k}{'r' if cfg.get('rewind') else ''}" if k else ""
+
+
+def series_key(cfg: dict) -> str:
+    a, mode, gran = cfg["arm"], cfg.get("mode"), cfg.get("granularity", "node")
+    if a == "dense":
+        return "dense" + _k(cfg)
+    if a == "weedout":
+        s = cfg["search"]
+        steps = f"/m{s['member_steps']}" if s.get("member_steps") else ""
+        return (f"weedout/{mode}/{gran}/P{s['population']}xG{s['generations']}/{s['metric']}/{s['bn']}/"
+                f"{s['strategy']}{steps}{_k(cfg)}")
+    if a == "throughout":
+        s, t = cfg["search"], cfg["throughout"]
+        return f"throughout/{mode}/P{s['population']}/i{t['interval']}/ft{t['finetune_epochs']}/{s['metric']}"
+    if a == "given":
+        return f"given/{(cfg.get('mask_sha256') or '')[:8]}"
+    return f"{a}/{mode}/{gran}{_k(cfg)}"
+
+
+def control_key(cfg: dict) -> str | None:
+    if cfg["arm"] in ("dense", "random", "given"):
+        return None
+    c = dict(cfg, pretrain_steps=0, rewind=False) if cfg["arm"] == "throughout" else cfg
+    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(c)}"
+
+
+def _elite_wins(search: dict | None) -> float | None:
+    idx = (search or {}).get("elite_index") or []
+    later = idx[1:]
+    return sum(1 for i in later if i == 0) / len(later) if later else None
+
+
+def collect(results: str | os.PathLike) -> Collection:
+    """Every run directory of ``results`` (each checked against its hash), sorted into finished,
+    incomplete, failed, search-only and unreadable runs (the last with a warning naming each)."""
+    results = os.fspath(results)
+    if not os.path.isdir(results):
+        raise RunError(f"results directory {results} does not exist or is not a directory")
+    col = Collection()
+    for path, cfg in runs.iter_run_dirs(results):
+        try:
+            records = runs.read_jsonl(os.path.join(path, runs.RESULTS_NAME))
+        except RunError as e:
+            col.unreadable.append(path)
+            warnings.warn(f"skipping {path}: {e} (run the same command again to rebuild it)", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        if not os.path.exists(os.path.join(path, runs.DONE_NAME)):
+            (col.failed if any(r.get("type") == "error" for r in records) else col.incomplete).append(path)
+            continue
+        if cfg.get("training") is None:
+            col.search_only.append(path)
+            continue
+        by_type = defaultdict(list)
+        for r in records:
+            by_type[r.get("type")].append(r)
+        finals = by_type["final"]
+        if not finals:
+            col.unreadable.append(path)
+            warnings.warn(f"skipping {path}: marked done but its results.jsonl has no final record (run the same "
+                          "command again to rebuild it)", RuntimeWarning, stacklevel=2)
+            continue
+        phases = {r["phase"]: r for r in by_type["phase"]}
+        col.runs.append(Run(
+            path=path, config=cfg, arm=cfg["arm"], sparsity=float(cfg["sparsity"]), seed=int(cfg["seed"]),
+            experiment=experiment_key(cfg), series=series_key(cfg), control=control_key(cfg), final=finals[-1],
+            init=(by_type["mask"] or [{}])[-1],
+            phases={p: dict(wall_s=float(phases.get(p, {}).get("wall_s") or 0.0),
+                            flops=float(phases.get(p, {}).get("flops") or 0.0)) for p in PHASES},
+            epochs=sorted(by_type["epoch"], key=lambda r: r["epoch"]),
+            elite_wins=_elite_wins(phases.get("search")), search=phases.get("search")))
+    return col
+
+
+def _metric(run: Run, name: str):
+    return run.init.get(name) if name.startswith("init_") else run.final.get(name)
+
+
+@dataclass
+class Condition:
+    experiment: str
+    series: str
+    arm: str
+    sparsity: float
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs)
+
+    def by_seed(self, metric: str) -> dict:
+        return {r.seed: _metric(r, metric) for r in self.runs}
+
+    def values(self, metric: str) -> list:
+        return [_metric(r, metric) for r in sorted(self.runs, key=lambda r: r.seed)]
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        return mean_ci(self.values(metric))
+
+    def phase_mean(self, phase: str, what: str) -> float:
+        return sum(r.phases[phase][what] for r in self.runs) / len(self.runs)
+
+    def search_share(self, what: str) -> float:
+        s = sum(r.phases["search"][what] + r.phases["pretrain"][what] for r in self.runs)
+        t = sum(r.phases["training"][what] for r in self.runs)
+        return s / (s + t) if s + t > 0 else math.nan
+
+
+_ARM_ORDER = {"dense": 0, "weedout": 1, "random": 2, "throughout": 3, "l1": 4, "snip": 5, "grasp": 6, "synflow": 7}
+
+
+def conditions(col: Collection) -> list[Condition]:
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in col.runs:
+        groups[(r.experiment, r.series, r.sparsity)].append(r)
+    out = [Condition(e, s, rs[0].arm, eta, rs) for (e, s, eta), rs in groups.items()]
+    return sorted(out, key=lambda c: (c.experiment, c.sparsity, _ARM_ORDER.get(c.arm, 9), c.series))
+
+
+def node_peer_key(cfg: dict) -> str | None:
+    """The node-level series a weight-level one is compared with (same arm, search and sparsity)."""
+    return series_key(dict(cfg, granularity="node")) if cfg.get("granularity") == "weight" else None
+
+
+def comparisons(conds: list[Condition]) -> list[dict]:
+    """Paired t-tests at each sparsity, on every metric: every non-random series against its random
+    control (``against="random"``) and every weight-level series against the node-level series of
+    the same arm (``against="node"``); Holm-adjusted p-values per metric over all rows."""
+    index = {(c.experiment, c.series, c.sparsity): c for c in conds}
+    rows = []
+    for c in conds:
+        for against, key in (("random", c.runs[0].control), ("node", node_peer_key(c.runs[0].config))):
+            ctrl = index.get((c.experiment, key, c.sparsity)) if key else None
+            if ctrl is None:
+                continue
+            row = dict(experiment=c.experiment, sparsity=c.sparsity, series=c.series, arm=c.arm, control=ctrl.series,
+                       against=against)
+            for m in METRICS:
+                t = paired(c.by_seed(m), ctrl.by_seed(m))
+                row.update({f"n_{m}": t["n"], f"diff_{m}": t["diff"], f"ci_{m}": t["diff_ci"], f"t_{m}": t["t"],
+                            f"p_{m}": t["p"]})
+            rows.append(row)
+    for m in METRICS:
+        for row, p in zip(rows, holm([r[f"p_{m}"] for r in rows])):
+            row[f"p_holm_{m}"] = p
+    return rows
+
+
+# ------------------------------------------------------------------------------------ formatting
+def _pct(mean: float, ci: float | None = None) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    s = f"{100 * mean:.2f}"
+    if ci is not None:
+        s += f" ± {100 * ci:.2f}" if math.isfinite(ci) else " ± n/a"
+    return s
+
+
+def _num(x: float, fmt: str = ".3g") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def _p(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def _describe(run: Run) -> list[str]:
+    c = run.config
+    d, m, t = c["data"], c["model"], c["training"]
+    subset = f", first {d['train_subset']} training images" if d.get("train_subset") else ""
+    return [f"- dataset **{d['name']}** (validation split {d['val_size'] if d['val_size'] is not None else 'default'}, "
+            f"split seed {d['split_seed']}{subset}); model **{m['name']}** (dropout {m['dropout']:g})",
+            f"- training: {t['epochs']} epochs, batch {t['batch_size']}, SGD lr {t['lr']:g} (momentum "
+            f"{t['momentum']:g}, Nesterov {t['nesterov']}), weight decay {t['weight_decay']:g}, {t['schedule']} "
+            f"schedule, label smoothing {t['label_smoothing']:g}, {'masked' if t['masked'] else 'pruned'} network"]
+
+
+def summary_rows(conds: list[Condition], comps: list[dict]) -> list[dict]:
+    by = {(c["experiment"], c["series"], c["sparsity"], c["against"]): c for c in comps}
+    rows = []
+    for c in conds:
+        cfg = c.runs[0].config
+        row = dict(experiment=c.experiment, dataset=cfg["data"]["name"], model=cfg["model"]["name"],
+                   epochs=cfg["training"]["epochs"], arm=c.arm, series=c.series, sparsity=c.sparsity, n=len(c.runs),
+                   seeds=" ".join(map(str, c.seeds)))
+        for m in METRICS:
+            row[f"{m}_mean"], row[f"{m}_ci95"] = c.stat(m)
+        for ph in PHASES:
+            row[f"{ph}_flops_mean"] = c.phase_mean(ph, "flops")
+            row[f"{ph}_wall_s_mean"] = c.phase_mean(ph, "wall_s")
+        row["search_share_flops"] = c.search_share("flops")
+        row["search_share_wall"] = c.search_share("wall_s")
+        wins = [r.elite_wins for r in c.runs if r.elite_wins is not None]
+        row["elite_wins"] = sum(wins) / len(wins) if wins else math.nan
+        comp = by.get((c.experiment, c.series, c.sparsity, "random"))
+        row["control"] = comp["control"] if comp else ""
+        for m in METRICS:
+            for k in ("diff", "ci", "p", "p_holm"):
+                row[f"paired_{k}_{m}"] = comp[f"{k}_{m}"] if comp else math.nan
+        node = by.get((c.experiment, c.series, c.sparsity, "node"))  # weight-level: minus node-level
+        row["node_peer"] = node["control"] if node else ""
+        for m in ("init_val_loss", "test_acc"):
+            for k in ("diff", "p_holm"):
+                row[f"vs_node_{k}_{m}"] = node[f"{k}_{m}"] if node else math.nan
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                        (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _headline(conds: list[Condition], comps: list[dict], exp: str, name: dict[str, str]) -> list[str]:
+    mine = [c for c in conds if c.experiment == exp]
+    dense = [c for c in mine if c.arm == "dense"]
+    lines = []
+    top = max((c.sparsity for c in mine if c.arm != "dense"), default=None)
+    if dense and top is not None:
+        d = dense[0].stat("test_acc")[0]
+        for c in mine:
+            if c.sparsity == top and c.arm == "random":
+                lines.append(f"- dense → η={top:g} with random masks ({name[c.series]}): test accuracy {_pct(d)} → "
+                             f"{_pct(c.stat('test_acc')[0])} ({100 * (c.stat('test_acc')[0] - d):+.2f} points; the "
+                             f"paper loses about {PAPER_DROP:g} points dense → 0.8 on CIFAR-10)")
+    for r in comps:
+        if r["experiment"] == exp and r["against"] == "random":
+            ctrl = name.get(r["control"], r["control"])
+            lines.append(f"- η={r['sparsity']:g}, {name[r['series']]} − {ctrl}: {r['diff_init_val_loss']:+.3f} "
+                         f"validation loss before training (p {_p(r['p_init_val_loss'])}, "
+                         f"Holm {_p(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
+                         f"accuracy after training (p {_p(r['p_test_acc'])}, Holm {_p(r['p_holm_test_acc'])}; "
+                         f"{r['n_test_acc']} pairs)")
+    return lines
+
+
+def _comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[str]:
+    out = [f"Δ = {what} (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
+           "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['sparsity']:g} | {name[r['series']]} | {r['n_test_acc']} | "
+                   f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
+                   f"{_p(r['p_init_val_loss'])} | "
+                   f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
+                   f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
+                   f"{_p(r['p_holm_test_acc'])} |")
+    return out
+
+
+def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], primary: str | None,
+                figures: list[str]) -> str:
+    out = ["# Sparse masks before training and after: results", ""]
+    out.append(f"{len(col.runs)} finished runs" + (f", {len(col.incomplete)} incomplete (not included)"
+                                                    if col.incomplete else "")
+               + (f", {len(col.failed)} failed" if col.failed else "")
+               + (f", {len(col.unreadable)} with unreadable records (skipped)" if col.unreadable else "")
+               + (f", {len(col.search_only)} search-only" if col.search_only else "") + ".")
+    out += ["", f"Means over seeds with {100 * CONFIDENCE:g}% confidence intervals (Student t, n−1 degrees of "
+            "freedom); accuracies in percent. *train*: accuracy on the augmented training batches during the last "
+            "epoch; "
+            "*test*: the test set after it; *@init*: the chosen mask on held-out validation images before any training "
+            "(images the search never saw). Comparisons: each method minus the random control of the same seed (same "
+            "initial weights and data), paired t-test, two-sided, Holm-corrected over all comparisons of a metric. "
+            "FLOPs: analytic, 2 per multiply-add, of the network actually run. A series is named by its arm and "
+            "what tells it from the arm's other series; summary.csv has the full keys.", ""]
+    experiments = sorted({c.experiment for c in conds}, key=lambda e: (e != primary, e))
+    for exp in experiments:
+        mine = [c for c in conds if c.experiment == exp]
+        name = {c.series: label(c.series, {x.series for x in mine}) for c in mine}  # full keys: summary.csv
+        out += [f"## Experiment {exp}" + (" (plotted)" if exp == primary else ""), ""] + _describe(mine[0].runs[0])
+        out += ["", "### Headline", ""] + (_headline(conds, comps, exp, name) or ["- (needs dense and sparse runs)"])
+        out += ["", "### Accuracy", "", "| η | series | n | train acc | test acc | val loss@init | val acc@init |",
+                "|---:|---|---:|---:|---:|---:|---:|"]
+        for c in mine:
+            lm, lci = c.stat("init_val_loss")
+            out.append(f"| {c.sparsity:g} | {name[c.series]} | {len(c.runs)} | {_pct(*c.stat('train_acc'))} | "
+                       f"{_pct(*c.stat('test_acc'))} | {_num(lm, '.4f')} ± {_num(lci, '.4f')} | "
+                       f"{_pct(*c.stat('init_val_acc'))} |")
+        for against, title, what in (("random", "Against the random control", "method − random"),
+                                     ("node", "Weight-level against node-level masks", "weight − node")):
+            rows = [r for r in comps if r["experiment"] == exp and r["against"] == against]
+            if rows:
+                out += ["", f"### {title} (paired by seed)", ""] + _comparison_table(rows, what, name)
+        elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
+        if elite:
+            out += ["", "### The search: how often the carried-over elite won a generation", "",
+                    "| η | series | elite won (generations 2..G, mean over seeds) | best fitness by generation "
+                    "(mean) |",
+                    "|---:|---|---:|---|"]
+            for c in elite:
+                w = [r.elite_wins for r in c.runs if r.elite_wins is not None]
+                best = [r.search.get("best_fitness") or [] for r in c.runs if r.search]
+                gens = [sum(b[g] for b in best) / len(best) for g in range(min(map(len, best)))] if best else []
+                out.append(f"| {c.sparsity:g} | {name[c.series]} | {100 * sum(w) / len(w):.0f}% | "
+                           f"{', '.join(f'{v:.3f}' for v in gens)} |")
+        out += ["", "### Compute per run (means): choosing the mask vs training", "",
+                "| η | series | pretrain+search GFLOP | training GFLOP | share (FLOPs) | pretrain+search s | "
+                "training s | share (time) | evaluation s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in mine:
+            sel = c.phase_mean("search", "flops") + c.phase_mean("pretrain", "flops")
+            sel_s = c.phase_mean("search", "wall_s") + c.phase_mean("pretrain", "wall_s")
+            out.append(f"| {c.sparsity:g} | {name[c.series]} | {_num(sel / 1e9)} | "
+                       f"{_num(c.phase_mean('training', 'flops') / 1e9)} | {_pct(c.search_share('flops'))}% | "
+                       f"{_num(sel_s, '.1f')} | "
+                       f"{_num(c.phase_mean('training', 'wall_s'), '.1f')} | {_pct(c.search_share('wall_s'))}% | "
+                       f"{_num(c.phase_mean('evaluation', 'wall_s'), '.1f')} |")
+        out.append("")
+    if figures:
+        out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    skipped = ([(p, "incomplete") for p in col.incomplete] + [(p, "failed (see its results.jsonl)") for p in col.failed]
+               + [(p, "unreadable records") for p in col.unreadable])
+    if skipped:
+        out += ["## Not included", ""] + [f"- {os.path.basename(p)}: {why}" for p, why in skipped] + [""]
+    return "\n".join(out)
+
+
+@dataclass
+class Report:
+    paths: dict[str, str]
+    collection: Collection
+    conditions: list[Condition]
+    comparisons: list[dict]
+    primary: str | None
+
+
+def write_report(results: str | os.PathLike, out: str | os.PathLike | None = None) -> Report:
+    """Write report.md, summary.csv and the figures (each atomically) into ``out`` (default:
+    ``results``). Figure 2 and the curves show the experiment with the most finished runs; axes.png
+    every search-study axis (population, generations, model) found."""
+    results = os.fspath(results)
+    col = collect(results)
+    if not col.runs:
+        raise RunError(f"no finished training runs in {results}"
+                       + (f" ({len(col.incomplete)} incomplete)" if col.incomplete else ""))
+    out = os.fspath(out) if out is not None else results
+    runs.check_results_dir(out, verify_runs=False)
+    conds = conditions(col)
+    comps = comparisons(conds)
+    counts: dict[str, int] = defaultdict(int)
+    for r in col.runs:
+        counts[r.experiment] += 1
+    primary = max(sorted(counts), key=lambda e: counts[e])
+    paths = {"report.md": os.path.join(out, "report.md"), "summary.csv": os.path.join(out, "summary.csv")}
+    figures = []
+    for name, draw in (("figure2.png", lambda p: plot_figure2(conds, primary, p)),
+                       ("curves.png", lambda p: plot_curves(conds, primary, p)),
+                       ("search.png", lambda p: plot_search(conds, primary, p)),
+                       ("differences.png", lambda p: plot_differences(comps, primary, p)),
+                       ("axes.png", lambda p: plot_axes(conds, comps, p))):
+        path = os.path.join(out, name)
+        if draw(path):
+            paths[name] = path
+            figures.append(name)
+    runs.atomic_write_text(paths["summary.csv"], to_csv(summary_rows(conds, comps)))
+    runs.atomic_write_text(paths["report.md"], to_markdown(col, conds, comps, primary, figures))
+    return Report(paths, col, conds, comps, primary)
+
+
+__all__ = ["Collection", "Condition", "Report", "collect", "comparisons", "conditions", "control_key",
+           "experiment_key", "node_peer_key", "series_key", "summary_rows", "to_csv", "to_markdown", "write_report"]

@@ -1,0 +1,402 @@
+"""Training of a (sparse) Wide ResNet: one loop for one process and for DDP.
+
+By default the *pruned* network (``model.prune(mask)``: physically smaller, same function) is
+trained; ``TrainConfig.masked`` trains the full network under its mask instead (same function, same
+updates to the live weights). Under a :class:`fastweedout.world.World` of N ranks every rank takes a
+contiguous shard of every global batch and DistributedDataParallel averages the gradients; on one
+process the world is the identity. A checkpoint (``fastweedout.training.checkpoint``) is written atomically
+after every epoch and a later call with the same directory resumes from it.
+
+Randomness: the data order and augmentation come from the loader's generator (seeded by ``seed``,
+saved in the checkpoint); dropout noise is reseeded at every epoch from (seed, rank, epoch), inside
+``torch.random.fork_rng`` so the caller's generators are left alone. A resumed run is therefore the
+same function of its seed as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastweedout.config import TrainConfig
+from fastweedout.data.datasets import Dataset
+from fastweedout.data.loader import DeviceLoader
+from fastweedout.model.wrn import WideResNet
+from fastweedout.training import checkpoint as ckpt
+from fastweedout.training.network import MaskedNet, count_params, member_mask, prepare_network
+from fastweedout.world import (
+    DDP_BN_MODES,
+    GlobalBatchNorm2d,
+    World,
+    average_bn_buffers,
+    local_rank,
+    set_batchnorm,
+)
+
+STEP_MILESTONES = (0.3, 0.6, 0.8)  # fractions of the epochs (WRN: 60/120/160 of 200)
+STEP_GAMMA = 0.2
+_FINITE_CHECK_EVERY = 25  # steps between loss checks: each one is a host sync on a GPU
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint (if any) is left in place."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    lr: float  # at the epoch's first step
+    train_loss: float  # training objective (with label smoothing), mean over the epoch's steps
+    train_acc: float  # on the augmented batches as trained, during the epoch
+    test_loss: float  # plain cross-entropy, eval mode
+    test_acc: float
+    train_time_s: float
+    eval_time_s: float
+    wall_time_s: float  # since the start of this call (a resumed run restarts the clock)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PhaseStats:
+    """Compute spent in one phase: wall seconds, FLOPs (analytic, useful), images processed."""
+
+    wall_s: float = 0.0
+    flops: float = 0.0
+    images: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    records: list[EpochRecord]
+    phases: dict[str, PhaseStats]  # "training", "evaluation"
+    model: nn.Module  # the trained network: the pruned WRN, or the full WRN when masked / dense
+    mask: dict[str, Tensor] | None
+    config: TrainConfig
+    device: str
+    forward_flops: int  # per image, of the network actually run
+    train_step_flops: int  # per image, forward + backward of the network actually run
+    live_forward_flops: int  # per image, of the live sub-network (equal unless masked training)
+    params: int  # parameters of the network actually trained
+    live_params: int
+    steps: int  # optimizer steps done in all (resumed runs included)
+    completed: bool  # all config.epochs done (False when on_epoch or max_steps stopped it)
+    resumed_from: int  # epochs already done when this call started (0: fresh)
+
+    @property
+    def final(self) -> EpochRecord:
+        if not self.records:
+            raise ValueError("no epoch has been trained")
+        return self.records[-1]
+
+
+class TrainCallbacks:
+    """Hooks into the loop (e.g. the search that runs throughout training); their state is saved in
+    every checkpoint, so they resume with the run."""
+
+    def before_step(self, step: int, net: nn.Module) -> None:
+        """Called before optimizer step ``step`` (0-based, counted over the whole run)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD over every parameter (BN included, as in the WRN reference); the fused kernel on CUDA."""
+    params = list(net.parameters())
+    fused = all(p.is_cuda for p in params) or None  # one kernel for the whole update instead of many
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay, fused=fused)
+
+
+def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at a given optimizer step (the schedules advance per step)."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    milestones = [int(round(f * config.epochs)) for f in STEP_MILESTONES]
+    return lambda step: STEP_GAMMA ** sum(step // steps_per_epoch >= m for m in milestones)
+
+
+def criterion(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+    """Cross-entropy in fp32 (module-level so tests can inject a diverging loss)."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def data_fingerprint(data: Dataset) -> int:
+    """A cheap checksum of the training split, so a checkpoint is never resumed on other data."""
+    sample = data.train.images[::97].reshape(-1)[::7]
+    return zlib.crc32(data.train.labels.cpu().numpy().tobytes()) ^ zlib.crc32(sample.cpu().numpy().tobytes())
+
+
+@torch.no_grad()
+def evaluate(net: Callable[[Tensor], Tensor], loader: DeviceLoader, *, amp=None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``net`` in eval mode over ``loader``; restores the mode after."""
+    module = getattr(net, "_orig_mod", net)
+    module = getattr(module, "module", module)  # DDP
+    was = module.training if isinstance(module, nn.Module) else False
+    if isinstance(module, nn.Module):
+        module.eval()
+    amp = amp if amp is not None else contextlib.nullcontext()
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        with amp:
+            logits = net(x)
+        loss_sum += criterion(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        n += y.shape[0]
+    if isinstance(module, nn.Module):
+        module.train(was)
+    return loss_sum.item() / max(n, 1), correct.item() / max(n, 1)
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: time what ran, not what was queued
+    return time.perf_counter()
+
+
+def resolve_device(device, world: World) -> torch.device:
+    if device is None:
+        dev = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank() if world.distributed else torch.cuda.current_device())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def progress_bar(it, enabled: bool, **kw):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, **kw)
+
+
+def _diverged(v: float, epoch: int, step: int, ckpt_dir: str | None, records) -> TrainingDiverged:
+    where = (f"the last good checkpoint (epoch {len(records)}) is kept in {ckpt_dir}" if ckpt_dir and records
+             else "no checkpoint was written")
+    return TrainingDiverged(f"training diverged: the loss became {v} in epoch {epoch} by step {step}; {where}. "
+                            "Lower the learning rate or check the data.", epoch=epoch, step=step,
+                            checkpoint=ckpt_dir if records else None)
+
+
+def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainConfig(), *, seed: int = 0,
+          device=None, world: World | None = None, ddp_bn: str = "local", checkpoint_dir=None,
+          on_epoch: Callable[[EpochRecord], object] | None = None,
+          on_step: Callable[[int, float], object] | None = None,
+          callbacks: TrainCallbacks | None = None, max_steps: int | None = None, granularity: str = "node",
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` under ``mask`` (one member: name -> bool ``[C]``, or a Masks of one; None: dense).
+
+    The caller's model is not modified. Evaluates on the test set after every epoch. ``world``: the
+    ranks to train on (default: the initialised process group, else one process); every rank calls
+    with the same arguments; ``config.batch_size`` is the global batch. ``ddp_bn``: ``local`` (each
+    rank's shard statistics; running statistics averaged after every epoch) or ``sync`` (the global
+    batch's statistics: the same result as one process up to fp32 rounding). ``on_epoch`` gets each
+    record; returning True stops after that epoch. ``on_step(step, loss)`` gets the global batch's
+    mean loss after each step (one extra all-reduce and host sync per step). ``max_steps`` stops after
+    that many optimizer steps in all (no evaluation of a partial epoch). ``granularity="weight"``: the
+    mask is over weights (``fastweedout.engines.weight_scoring``) and the full network trains with the masked weights
+    held at zero. Raises :class:`TrainingDiverged`.
+    """
+    if not isinstance(model, WideResNet):
+        raise TypeError(f"train needs a WideResNet, got {type(model).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if model.in_channels != data.in_channels or model.num_classes != data.num_classes:
+        raise ValueError(f"the model takes {model.in_channels} channels / {model.num_classes} classes, the dataset "
+                         f"{data.name!r} has {data.in_channels} / {data.num_classes}")
+    if ddp_bn not in DDP_BN_MODES:
+        raise ValueError(f"ddp_bn must be one of {DDP_BN_MODES}, got {ddp_bn!r}")
+    world = world or World.current()
+    rank, size = world.rank, world.size
+    if config.batch_size % size:
+        raise ValueError(f"the global batch size {config.batch_size} must be divisible by the world size {size}")
+    device = resolve_device(device, world)
+    opts = config.resolved(device)
+    mask = member_mask(mask)
+    net, run_net, fwd_flops, step_flops, live_flops, live_params = prepare_network(
+        model, mask, config.masked, device, opts["channels_last"], data.image_size, granularity)
+    if ddp_bn == "sync" and world.distributed:
+        set_batchnorm(net, GlobalBatchNorm2d, world.group)
+    if data.device != device:
+        data = data.to(device)
+    loader = DeviceLoader(data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
+                          augment=data.augment, drop_last=config.drop_last, channels_last=opts["channels_last"],
+                          seed=seed)
+    steps = len(loader)
+    if steps == 0:
+        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
+                         f"{config.batch_size} (drop_last)")
+    t_lo, t_hi = world.shard(len(data.test))
+    test_loader = DeviceLoader(data.test.subset(torch.arange(t_lo, t_hi)), config.eval_batch_size,
+                               mean=data.mean, std=data.std, channels_last=opts["channels_last"])
+    fwd_net = run_net
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Buffers stay per rank during an epoch (local BN statistics) and are averaged after it.
+        # (newer torch calls the switch forward_sync_buffers; parameters and buffers are synced at init either way)
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        fwd_net = DDP(run_net, device_ids=[device.index] if device.type == "cuda" else None,
+                      process_group=world.group, **no_sync)
+    opt = make_optimizer(run_net, config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps))
+    phases = {"training": PhaseStats(), "evaluation": PhaseStats()}
+    records: list[EpochRecord] = []
+    ckpt_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+    identity = {"config": asdict(config), "seed": seed, "model": model.config, "widths": dict(net.node_layers()),
+                "dataset": data.name, "train_size": len(data.train), "train_fingerprint": data_fingerprint(data),
+                # a "sync" run does not depend on the world size, so it may resume on another one
+                "distributed": {"bn": ddp_bn} if ddp_bn == "sync" or size == 1 else {"bn": ddp_bn, "world_size": size}}
+    start_epoch = 0
+    if ckpt_dir is not None:
+        found = None
+        if rank == 0:
+            try:
+                found = ("ok", ckpt.load(ckpt_dir, identity, mask))
+            except ValueError as e:
+                found = ("error", str(e))
+        found = world.broadcast_object(found)
+        if found[0] == "error":
+            raise ValueError(found[1])
+        state = found[1]
+        if state is not None:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["loader"])
+            records = [EpochRecord(**r) for r in state["records"]]
+            phases = {k: PhaseStats(**v) for k, v in state["phases"].items()}
+            start_epoch = state["epoch"]
+            if callbacks is not None:
+                callbacks.load_state_dict(state.get("callbacks", {}))
+    resumed_from = start_epoch
+    fwd = torch.compile(fwd_net) if opts["compile"] else fwd_net
+    eval_fwd = fwd if fwd_net is run_net else (torch.compile(run_net) if opts["compile"] else run_net)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if opts["amp"] else contextlib.nullcontext()
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    completed = start_epoch >= config.epochs
+    global_step = start_epoch * steps
+    t_call = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            bar = progress_bar(range(start_epoch, config.epochs), progress and rank == 0, desc="epochs",
+                               initial=start_epoch, total=config.epochs)
+            for epoch in bar:
+                torch.manual_seed((seed * 1_000_003 + rank) * 10_007 + epoch)  # dropout noise
+                lr = opt.param_groups[0]["lr"]
+                t0 = now(device)
+                run_net.train()
+                stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+                batches = progress_bar(loader, progress and rank == 0, desc=f"epoch {epoch + 1}", leave=False,
+                                       total=steps)
+                for step, (x, y) in enumerate(batches, start=1):
+                    if callbacks is not None:
+                        callbacks.before_step(global_step, run_net)
+                    b = y.shape[0]
+                    lo, hi = shard_range_of(b, world)
+                    x, y = x[lo:hi], y[lo:hi]
+                    with amp:
+                        logits = fwd(x)
+                    local_sum = criterion(logits, y, config.label_smoothing, reduction="sum")
+                    # DDP averages gradients over the ranks: scale so that the average is d(global mean)/dw.
+                    loss = local_sum * (size / b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    global_step += 1
+                    stats[0] += local_sum.detach()
+                    stats[1] += (logits.detach().argmax(1) == y).sum()
+                    stats[2] += y.shape[0]
+                    if on_step is not None:
+                        s = world.all_reduce_(local_sum.detach().double().reshape(1))
+                        on_step(global_step, float(s) / b)
+                    last = step == steps or (max_steps is not None and global_step >= max_steps)
+                    if step % _FINITE_CHECK_EVERY == 0 or last:
+                        v = world.all_reduce_(stats[:1].clone()).item()
+                        if not math.isfinite(v):
+                            raise _diverged(v, epoch + 1, step, ckpt_dir, records)
+                    if max_steps is not None and global_step >= max_steps:
+                        break
+                tot = world.all_reduce_(stats.clone())
+                seen = int(tot[2])
+                t1 = now(device)
+                phases["training"].wall_s += t1 - t0
+                phases["training"].flops += float(step_flops) * seen
+                phases["training"].images += seen
+                if max_steps is not None and global_step >= max_steps and step < steps:
+                    break  # a partial epoch: no evaluation, no record
+                if ddp_bn == "local":
+                    average_bn_buffers(net, world)
+                test_loss, test_acc = evaluate(eval_fwd, test_loader, amp=amp)
+                n_r = t_hi - t_lo
+                ev = world.all_reduce_(torch.tensor([test_loss * n_r, round(test_acc * n_r), n_r],
+                                                    dtype=torch.float64, device=device))
+                n_test = max(int(ev[2]), 1)
+                t2 = now(device)
+                phases["evaluation"].wall_s += t2 - t1
+                phases["evaluation"].flops += float(fwd_flops) * len(data.test)
+                phases["evaluation"].images += len(data.test)
+                rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(tot[0]) / seen,
+                                  train_acc=float(tot[1]) / seen, test_loss=float(ev[0]) / n_test,
+                                  test_acc=float(ev[1]) / n_test, train_time_s=t1 - t0, eval_time_s=t2 - t1,
+                                  wall_time_s=time.perf_counter() - t_call)
+                records.append(rec)
+                if ckpt_dir is not None and rank == 0:
+                    ckpt.save(ckpt_dir, dict(
+                        identity=identity, mask=mask, epoch=epoch + 1, model=net.state_dict(),
+                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), loader=loader.state_dict(),
+                        records=[r.to_dict() for r in records], phases={k: v.to_dict() for k, v in phases.items()},
+                        callbacks=callbacks.state_dict() if callbacks is not None else {}))
+                if progress and rank == 0 and hasattr(bar, "set_postfix"):
+                    bar.set_postfix(train_acc=f"{rec.train_acc:.3f}", test_acc=f"{rec.test_acc:.3f}")
+                completed = epoch + 1 == config.epochs
+                stop = on_epoch is not None and on_epoch(rec) is True
+                if world.any(stop or (max_steps is not None and global_step >= max_steps), device):
+                    break
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        set_batchnorm(net, nn.BatchNorm2d)
+    net.eval()
+    return TrainResult(records=records, phases=phases, model=net, mask=mask, config=config, device=str(device),
+                       forward_flops=fwd_flops, train_step_flops=step_flops, live_forward_flops=live_flops,
+                       params=count_params(net), live_params=live_params, steps=global_step, completed=completed,
+                       resumed_from=resumed_from)
+
+
+def shard_range_of(n: int, world: World) -> tuple[int, int]:
+    return world.shard(n) if world.distributed else (0, n)
+
+
+__all__ = ["EpochRecord", "MaskedNet", "PhaseStats", "TrainCallbacks", "TrainResult", "TrainingDiverged",
+           "count_params", "criterion", "data_fingerprint", "evaluate", "lr_factor", "make_optimizer", "member_mask",
+           "prepare_network", "train"]
