@@ -96,7 +96,7 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
            "FLOPs of the live sub-networks / median, and its fraction of the device peak; memory = peak "
            "held at once by the call (CUDA: max allocated; CPU: live tensor storages tracked op by op, or sampled "
            "RSS for compiled code); err = max |fitness - loop's| / max |loop's|; `% bw` = bytes moved "
-           "(`fastweedout.cost.flops.scoring_bytes`) per second / the memory bandwidth; the peak is that of the "
+           "(`fastweedout.cost.bytes.scoring_bytes`) per second / the memory bandwidth; the peak is that of the "
            "precision that ran (tf32 for fp32 on a GPU).",
            ""]
     for _key, grp in _groups(rows, SCORING_KEYS).items():

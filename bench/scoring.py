@@ -18,8 +18,8 @@ so the baselines are as fair as the engines.
 
 Every method scores the same masks on the same images; its fitness is compared with ``loop``'s
 (``fitness_rel_err``). Reports time (median, quartiles, min/max of interleaved repeats; CPU time on
-CPU), members x images per second, useful and executed FLOPs (``fastweedout.cost.flops.scoring_flops``;
-2 FLOPs per multiply-add) per second, bytes moved (``fastweedout.cost.flops.scoring_bytes``) per second,
+CPU), members x images per second, useful and executed FLOPs (``fastweedout.engines.registry.scoring_flops``;
+2 FLOPs per multiply-add) per second, bytes moved (``fastweedout.cost.bytes.scoring_bytes``) per second,
 both roofline ratios (useful FLOP/s / the compute peak *of the precision that ran*, bytes/s / the
 memory bandwidth), peak memory, and the speedup over ``loop`` (wall time, and CPU time on CPU).
 """
@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 import fastweedout as fw
-from fastweedout.cost.flops import scoring_bytes, scoring_flops
+from fastweedout.cost.bytes import scoring_bytes
+from fastweedout.engines.registry import scoring_flops
 from fastweedout.engines import FoldedBackend, pad_multiple
 from fastweedout.engines.scoring import auto_chunk, member_losses, score_population
 from fastweedout.model.backend import MaskedBackend
@@ -124,7 +125,7 @@ class ScoringRecord(Record):
     executed_flops_per_s: float | None = None
     useful_fraction_of_peak: float | None = None  # useful FLOP/s / the peak of this row's precision
     peak_flops_per_s: float | None = None  # that peak
-    bytes_moved: int | None = None  # per call (fastweedout.cost.flops.scoring_bytes; None: no model for this method)
+    bytes_moved: int | None = None  # per call (fastweedout.cost.bytes.scoring_bytes; None: no model for this method)
     bytes_per_s: float | None = None
     bandwidth_fraction: float | None = None  # bytes/s / the device's memory bandwidth
     peak_bytes_per_s: float | None = None

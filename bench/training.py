@@ -7,7 +7,7 @@ on a batch resident on the device (channels_last on GPU). Variants:
 
 * ``dense``: the full network (eta = 0);
 * ``pruned``: ``model.prune(mask)``, the physically smaller network ``train()`` trains by default;
-* ``masked``: the full network under the mask (``fastweedout.training.loop.MaskedNet``, ``TrainConfig(masked=True)``).
+* ``masked``: the full network under the mask (``fastweedout.model.masked.MaskedNet``, ``TrainConfig(masked=True)``).
 
 MFU = useful FLOPs of the step (forward + backward of the live sub-network,
 ``fastweedout.cost.flops.training_flops``; 2 FLOPs per multiply-add) per second / the device's peak;
@@ -24,7 +24,8 @@ import torch
 
 import fastweedout as fw
 from fastweedout.cost.flops import training_flops
-from fastweedout.training.loop import MaskedNet, TrainConfig, criterion, make_optimizer
+from fastweedout.model.masked import MaskedNet
+from fastweedout.training.loop import TrainConfig, criterion, make_optimizer
 
 from .common import (
     Env,

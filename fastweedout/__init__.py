@@ -9,8 +9,9 @@ from fastweedout.config import (
     ThroughoutConfig,
     TrainConfig,
 )
-from fastweedout.cost.flops import forward_flops, scoring_flops, train_step_flops, useful_flops
+from fastweedout.cost.flops import forward_flops, train_step_flops, useful_flops
 from fastweedout.data.datasets import Dataset, DatasetError, SyntheticConfig, load_dataset
+from fastweedout.engines.registry import scoring_flops
 from fastweedout.engines.scoring import score_population
 from fastweedout.masks import Masks, layer_sparsities, sample_masks
 from fastweedout.model.wrn import WideResNet, create_model, list_models

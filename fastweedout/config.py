@@ -13,18 +13,21 @@ import math
 from dataclasses import dataclass
 
 from fastweedout.data.datasets import DATASETS, SyntheticConfig, dataset_key
+from fastweedout.engines.registry import all_engine_names, engine_names
+from fastweedout.engines.scoring import METRICS
 from fastweedout.experiment.runs import config_hash, to_jsonable
 from fastweedout.fields import check, opt
 from fastweedout.masks import MODES
 from fastweedout.model.backend import BN_MODES
 from fastweedout.model.wrn import WideResNet, parse_model_name
+from fastweedout.spaces.registry import SPACES
 
-ENGINES = ("auto", "loop", "folded", "compact")  # node masks
-WEIGHT_ENGINES = ("auto", "loop", "grouped")  # weight masks (fastweedout.engines.weight_scoring)
-METRICS = ("loss", "accuracy")
+ENGINES_OF = {s: engine_names(s) for s in SPACES}  # mask space -> its engines (auto first)
+ENGINES, WEIGHT_ENGINES = ENGINES_OF["node"], ENGINES_OF["weight"]
+_ENGINE_HELP = "; ".join(f"{', '.join(e)} for {s} masks" for s, e in ENGINES_OF.items())
 STRATEGIES = ("random", "tournament", "evolution")
 SCHEDULES = ("cosine", "step")
-GRANULARITIES = ("node", "weight")
+GRANULARITIES = tuple(SPACES)
 PRUNE_METHODS = ("l1", "snip", "grasp", "synflow")
 #: dense: the unmasked parent; given: a mask from a file; throughout: the search runs during training.
 ARMS = ("weedout", "random", "dense", "given", "throughout") + PRUNE_METHODS
@@ -87,8 +90,7 @@ class SearchConfig:
     metric: str = opt("loss", "fitness: -loss (the paper's choice) or accuracy", choices=METRICS)
     bn: str = opt("batch", "BN statistics while scoring: each member's own batch, or the running ones",
                   choices=BN_MODES)
-    engine: str = opt("auto", "scoring engine: auto, loop, folded or compact for node masks; auto, loop or grouped for "
-                      "weight masks", choices=tuple(dict.fromkeys(ENGINES + WEIGHT_ENGINES)))
+    engine: str = opt("auto", "scoring engine: " + _ENGINE_HELP, choices=all_engine_names())
     strategy: str = opt("random", "random (the paper: elite + fresh random masks), tournament (elite + mutated "
                         "binary-tournament winners) or evolution (elite + mutated members of the top 20%%)",
                         choices=STRATEGIES)
@@ -209,7 +211,7 @@ class RunConfig:
             if v is not None and not isinstance(v, cls):
                 raise ValueError(f"{name} must be a {cls.__name__}")
         if self.search is not None:
-            engines = WEIGHT_ENGINES if self.granularity == "weight" else ENGINES
+            engines = ENGINES_OF[self.granularity]
             if self.search.engine not in engines:
                 raise ValueError(f"{self.granularity} masks are scored by the engines {list(engines)}, "
                                  f"not {self.search.engine!r}")

@@ -14,13 +14,13 @@ from fastweedout.cost.flops import (
     count_forward,
     counted_flops,
     forward_flops,
-    scoring_flops,
     train_step_flops,
     training_flops,
     useful_flops,
 )
+from fastweedout.engines.registry import scoring_flops
 from fastweedout.engines.scoring import population_logits
-from fastweedout.training.loop import MaskedNet
+from fastweedout.model.masked import MaskedNet
 from helpers import batch, randomize_bn
 
 
@@ -217,7 +217,7 @@ def test_scoring_bytes_hand_count():
       block 3: 768 + 384 + 384 + 384 + 256 + 384 = 2560; final epilogue 384 + mean 128
       total 15,408 elements = 61,632 bytes; weights 77,360 elements (the dense network) = 309,440 bytes
     """
-    from fastweedout.cost.flops import scoring_bytes
+    from fastweedout.cost.bytes import scoring_bytes
     m = fw.create_model("wrn_10_1")
     masks = fw.sample_masks(m, 2, 0.5, generator=torch.Generator().manual_seed(0))
     assert {k: v.tolist() for k, v in masks.live_counts().items()} == {
@@ -238,7 +238,7 @@ def test_scoring_bytes_hand_count():
 def test_scoring_bytes_fused_pass_moves_fewer_bytes():
     """The fused compact engine moves ~5 activation-sized tensors per block, the eager engines more;
     bf16 halves every count; running BN needs no statistics pass."""
-    from fastweedout.cost.flops import scoring_bytes
+    from fastweedout.cost.bytes import scoring_bytes
     m = fw.create_model("wrn_16_4")
     masks = fw.sample_masks(m, 4, 0.8, generator=torch.Generator().manual_seed(0))
     b = {(e, k): scoring_bytes(m, masks, 8, 32, e, kernels=k, pad_multiple=16 if k else 1)["activations"]

@@ -97,14 +97,14 @@ def test_interrupted_training_resumes_to_the_same_result(reference, tmp_path, mo
     assert not os.path.exists(os.path.join(path, "done"))
     assert [r["epoch"] for r in runs.read_jsonl(os.path.join(path, "results.jsonl")) if r["type"] == "epoch"] == [1, 2]
     calls = []
-    monkeypatch.setattr(S, "score_population", lambda *a, **k: calls.append(1))  # the search must not run again
+    monkeypatch.setattr(S, "score", lambda *a, **k: calls.append(1))  # the search must not run again
     out = execute_run(cfg(), tmp_path, RT)
     assert not out.skipped and not calls
     same(outputs(out.path), outputs(reference.path))
 
 
 def test_interrupted_search_resumes_from_its_last_generation(reference, tmp_path, monkeypatch):
-    real = S.score_population
+    real = S.score
     calls = []
 
     def score(*a, **k):
@@ -113,14 +113,14 @@ def test_interrupted_search_resumes_from_its_last_generation(reference, tmp_path
             raise Interrupt  # in the third generation: two are checkpointed
         return real(*a, **k)
 
-    monkeypatch.setattr(S, "score_population", score)
+    monkeypatch.setattr(S, "score", score)
     with pytest.raises(Interrupt):
         execute_run(cfg(), tmp_path, RT)
     path = os.path.join(tmp_path, os.path.basename(reference.path))
     assert torch.load(os.path.join(path, "search.ckpt"), weights_only=False)["generation"] == 2
     assert not os.path.exists(os.path.join(path, "mask.pt"))
     calls.clear()
-    monkeypatch.setattr(S, "score_population", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(S, "score", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     out = execute_run(cfg(), tmp_path, RT)
     assert len(calls) == 1  # only the last generation was scored again
     same(outputs(out.path), outputs(reference.path))
@@ -211,13 +211,13 @@ def test_finished_run_with_damaged_records_is_rebuilt_not_skipped(reference, tmp
     with open(os.path.join(path, "results.jsonl"), "w") as f:
         f.write('{"type": "epo')  # damaged after the run had finished
     calls = []
-    real = S.score_population
-    S.score_population = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    real = S.score
+    S.score = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
     try:
         with pytest.warns(RuntimeWarning, match="damaged"):
             out = execute_run(cfg(), tmp_path, RT)
     finally:
-        S.score_population = real
+        S.score = real
     assert not out.skipped and not calls  # rebuilt from mask.pt and the final checkpoint, nothing recomputed
     same(outputs(out.path), outputs(reference.path))
     assert any(n.startswith("results.jsonl.damaged-") for n in os.listdir(path))

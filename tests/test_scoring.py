@@ -157,19 +157,21 @@ def test_auto_chunk_fits_wrn_28_10_population_on_80gb():
 
 
 def test_out_of_memory_halves_the_chunk(monkeypatch):
-    import fastweedout.engines.scoring as S
+    import dataclasses
+
+    from fastweedout.engines import registry
     m = fw.WideResNet(10, 1)
     x, y = batch(m)
     masks = fw.sample_masks(m, 6, 0.5, generator=0)
     ref = fw.score_population(m, masks, x, y, engine="folded", chunk_size=1)
-    real = S.population_logits
+    folded = registry.ENGINES["node"]["folded"]
 
     def small_memory(model, part, *a, **k):
         if part.population > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, part, *a, **k)
+        return folded.logits(model, part, *a, **k)
 
-    monkeypatch.setattr(S, "population_logits", small_memory)
+    monkeypatch.setitem(registry.ENGINES["node"], "folded", dataclasses.replace(folded, logits=small_memory))
     with pytest.warns(RuntimeWarning, match="retrying with chunks of"):
         f, info = fw.score_population(m, masks, x, y, engine="folded", chunk_size=6, return_info=True)
     assert_fitness_close(f, ref)

@@ -81,7 +81,7 @@ def test_resume_from_checkpoint(tmp_path):
     ck2 = tmp_path / "s2.pt"
     import fastweedout.search.weedout as S
     calls = []
-    real = S.score_population
+    real = S.score
 
     def boom(*a, **k):
         if len(calls) == 2:
@@ -89,12 +89,12 @@ def test_resume_from_checkpoint(tmp_path):
         calls.append(1)
         return real(*a, **k)
 
-    S.score_population = boom
+    S.score = boom
     try:
         with pytest.raises(KeyboardInterrupt):
             search(m, x, y, **kw, checkpoint=ck2)
     finally:
-        S.score_population = real
+        S.score = real
     resumed = search(m, x, y, **kw, checkpoint=ck2)
     assert resumed.winner == full.winner and torch.equal(resumed.fitness, full.fitness)
     with pytest.raises(ValueError, match="different search configuration"):

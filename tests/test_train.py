@@ -10,10 +10,10 @@ from fastweedout import WideResNet, create_model, sample_masks
 from fastweedout.config import TrainConfig
 from fastweedout.cost.flops import forward_flops
 from fastweedout.data.datasets import load_dataset
+from fastweedout.model.masked import MaskedNet
 from fastweedout.training.checkpoint import CHECKPOINT_NAME, PREV_NAME
 from fastweedout.training.loop import (
     EpochRecord,
-    MaskedNet,
     TrainingDiverged,
     lr_factor,
     make_optimizer,

@@ -10,10 +10,13 @@ from torch import nn
 
 import fastweedout as fw
 from fastweedout.cost.flops import count_forward, counted_flops, train_step_flops
-from fastweedout.engines import weight_scoring as W
+from fastweedout.engines import registry
 from fastweedout.engines.grouped_weights import GroupedWeightBackend
+from fastweedout.engines.scoring import auto_chunk, logits, score_weight_population
 from fastweedout.masks import Masks
+from fastweedout.model.masked import WeightMaskedNet, weight_sets
 from fastweedout.ops import dispatch as ops
+from fastweedout.spaces import weight as W
 from helpers import batch, randomize_bn, state_snapshot
 from tolerances import FITNESS_RTOL, TOL
 
@@ -44,7 +47,7 @@ def zeroed(model, member):
 # ------------------------------------------------------------------------------------------- mask space
 def test_weight_sets_are_conv_and_linear_weights_in_parameter_order():
     m = fw.WideResNet(10, 2, num_classes=5, in_channels=3)
-    sets = W.weight_sets(m)
+    sets = weight_sets(m)
     expected = [n for n, p in m.named_parameters() if p.dim() in (2, 4)]
     assert list(sets) == expected
     assert sets["stem.weight"] == 3 * 16 * 9 and sets["fc.weight"] == 5 * 128
@@ -53,14 +56,14 @@ def test_weight_sets_are_conv_and_linear_weights_in_parameter_order():
     params = dict(m.named_parameters())
     assert all(params[k].numel() == n for k, n in sets.items())
     # WRN-10-1: the stem feeds stage1 directly, no shortcut in the first block
-    assert "stage1.0.shortcut.weight" not in W.weight_sets(fw.WideResNet(10, 1))
+    assert "stage1.0.shortcut.weight" not in weight_sets(fw.WideResNet(10, 1))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.999])
 def test_layerwise_counts_are_exact_per_weight_tensor(sparsity):
     m = fw.WideResNet(10, 1, in_channels=1)
     masks = W.sample_weight_masks(m, 5, sparsity, generator=1)
-    for name, n in W.weight_sets(m).items():
+    for name, n in weight_sets(m).items():
         off = min(int(math.floor(sparsity * n + 0.5)), n - 1)
         assert masks[name].shape == (5, n)
         assert (masks[name].sum(1) == n - off).all(), name
@@ -68,7 +71,7 @@ def test_layerwise_counts_are_exact_per_weight_tensor(sparsity):
 
 def test_global_and_schedule_counts():
     m = fw.WideResNet(10, 1, in_channels=1)
-    sets = W.weight_sets(m)
+    sets = weight_sets(m)
     total = sum(sets.values())
     g = W.sample_weight_masks(m, 4, 0.7, "global", generator=3)
     live = sum(v.sum(1) for _, v in g.items())
@@ -84,12 +87,12 @@ def test_member_weights_shapes_and_masks_io(tmp_path):
     masks = W.sample_weight_masks(m, 3, 0.5, generator=0)
     params = dict(m.named_parameters())
     mw = W.member_weights(m, masks, 2)
-    assert list(mw) == list(W.weight_sets(m))
+    assert list(mw) == list(weight_sets(m))
     for k, v in mw.items():
         assert v.dtype == torch.bool and v.shape == params[k].shape
         assert torch.equal(v.flatten(), masks[k][2])
     masks.save(tmp_path / "w.pt", granularity="weight")
-    back = Masks.load(tmp_path / "w.pt", W.weight_sets(m))
+    back = Masks.load(tmp_path / "w.pt", weight_sets(m))
     assert back == masks and back.meta == {"granularity": "weight"}
     assert W.check_weight_masks(m, dict(back.items())) == masks  # a plain mapping works too
 
@@ -111,15 +114,15 @@ def test_grouped_matches_loop(depth, width, cin, bn, mode, sparsity):
     x, y = batch(m, n=5, h=9, w=11)
     masks = W.sample_weight_masks(m, 3, sparsity, mode, generator=2)
     for metric in ("loss", "accuracy"):
-        ref = W.score_weight_population(m, masks, x, y, engine="loop", bn=bn, metric=metric)
-        got = W.score_weight_population(m, masks, x, y, engine="grouped", bn=bn, metric=metric)
+        ref = score_weight_population(m, masks, x, y, engine="loop", bn=bn, metric=metric)
+        got = score_weight_population(m, masks, x, y, engine="grouped", bn=bn, metric=metric)
         if metric == "loss":
             assert_fitness_close(got, ref)
         else:
             assert torch.equal(got, ref)
     atol, rtol = TOL[torch.float32]
-    assert torch.allclose(W.weight_logits(m, masks, x, bn, engine="grouped"),
-                          W.weight_logits(m, masks, x, bn, engine="loop"), rtol=rtol, atol=atol)
+    assert torch.allclose(logits(m, masks, x, space="weight", bn=bn, engine="grouped"),
+                          logits(m, masks, x, space="weight", bn=bn, engine="loop"), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("engine", ["loop", "grouped"])
@@ -129,14 +132,14 @@ def test_masked_weights_equal_zeroed_weights(engine, bn):
     m = tiny(10, 2, 3)
     x, y = batch(m, n=4, h=8, w=8)
     masks = W.sample_weight_masks(m, 3, 0.5, "global", generator=5)
-    logits = W.weight_logits(m, masks, x, bn, engine=engine)
+    out = logits(m, masks, x, space="weight", bn=bn, engine=engine)
     atol, rtol = TOL[torch.float32]
     for i in range(3):
         with torch.no_grad():
             ref = zeroed(m, W.member_weights(m, masks, i))(x, bn=bn)
-        assert torch.allclose(logits[i], ref, rtol=rtol, atol=atol)
+        assert torch.allclose(out[i], ref, rtol=rtol, atol=atol)
         expect = -F.cross_entropy(ref, y)
-        got = W.score_weight_population(m, masks.select(i), x, y, engine=engine, bn=bn)
+        got = score_weight_population(m, masks.select(i), x, y, engine=engine, bn=bn)
         assert math.isclose(float(got[0]), float(expect), rel_tol=FITNESS_RTOL)
 
 
@@ -147,7 +150,7 @@ def test_all_live_masks_score_the_dense_network():
     assert all(bool(v.all()) for _, v in masks.items())
     dense = -F.cross_entropy(m(x, bn="batch"), y)
     for engine in ("loop", "grouped"):
-        f = W.score_weight_population(m, masks, x, y, engine=engine)
+        f = score_weight_population(m, masks, x, y, engine=engine)
         assert torch.allclose(f, dense.expand(2), rtol=FITNESS_RTOL)
 
 
@@ -159,7 +162,7 @@ def test_scoring_leaves_model_unchanged(engine, training):
     grads = [p.requires_grad for p in m.parameters()]
     x, y = batch(m)
     for bn in ("batch", "running"):
-        W.score_weight_population(m, W.sample_weight_masks(m, 3, 0.5, generator=0), x, y, engine=engine, bn=bn)
+        score_weight_population(m, W.sample_weight_masks(m, 3, 0.5, generator=0), x, y, engine=engine, bn=bn)
     after, mode_after = state_snapshot(m)
     assert mode_after == mode == training
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -170,8 +173,8 @@ def test_scoring_leaves_model_unchanged(engine, training):
 def test_scoring_is_deterministic(engine):
     m = tiny(10, 1, 1)
     x, y = batch(m, n=8)
-    f1 = W.score_weight_population(m, W.sample_weight_masks(m, 5, 0.6, generator=11), x, y, engine=engine)
-    f2 = W.score_weight_population(m, W.sample_weight_masks(m, 5, 0.6, generator=11), x, y, engine=engine)
+    f1 = score_weight_population(m, W.sample_weight_masks(m, 5, 0.6, generator=11), x, y, engine=engine)
+    f2 = score_weight_population(m, W.sample_weight_masks(m, 5, 0.6, generator=11), x, y, engine=engine)
     assert torch.equal(f1, f2)
 
 
@@ -180,13 +183,13 @@ def test_chunking_does_not_change_fitness(engine):
     m = tiny(10, 2, 3)
     x, y = batch(m, n=5)
     masks = W.sample_weight_masks(m, 5, 0.5, generator=4)
-    full, info = W.score_weight_population(m, masks, x, y, engine=engine, chunk_size=5, return_info=True)
-    assert info == {"engine": engine, "chunk_size": 5}
+    full, info = score_weight_population(m, masks, x, y, engine=engine, chunk_size=5, return_info=True)
+    assert (info["engine"], info["chunk_size"]) == (engine, 5)
     for chunk in (1, 2, 3):
-        part = W.score_weight_population(m, masks, x, y, engine=engine, chunk_size=chunk)
+        part = score_weight_population(m, masks, x, y, engine=engine, chunk_size=chunk)
         assert torch.allclose(part, full, rtol=FITNESS_RTOL, atol=0)
     # a member scored alone gets its fitness inside the population
-    alone = torch.cat([W.score_weight_population(m, masks.select(i), x, y, engine=engine) for i in range(5)])
+    alone = torch.cat([score_weight_population(m, masks.select(i), x, y, engine=engine) for i in range(5)])
     assert torch.allclose(alone, full, rtol=FITNESS_RTOL, atol=0)
 
 
@@ -194,13 +197,14 @@ def test_auto_engine_and_chunk():
     m = tiny(10, 1, 1)
     x, y = batch(m)
     masks = W.sample_weight_masks(m, 3, 0.5)
-    _, info = W.score_weight_population(m, masks, x, y, return_info=True)
-    assert info["engine"] == W.auto_weight_engine(torch.device("cpu")) and 1 <= info["chunk_size"] <= 3
-    assert W.auto_weight_engine(torch.device("cuda")) == "grouped"
+    _, info = score_weight_population(m, masks, x, y, return_info=True)
+    assert info["engine"] == registry.choose_engine("weight", None, torch.device("cpu"))
+    assert 1 <= info["chunk_size"] <= 3
+    assert registry.choose_engine("weight", None, torch.device("cuda")) == "grouped"
     # the weight copies cap the grouped chunk: 2 * total weights * 4 bytes per member
-    per_member = 2 * sum(W.weight_sets(m).values()) * 4
-    assert W.weight_chunk(m, x, "grouped", masks, budget_bytes=per_member * 2.5) == 2
-    assert W.weight_chunk(m, x, "grouped", masks, budget_bytes=1) == 1
+    per_member = 2 * sum(weight_sets(m).values()) * 4
+    assert auto_chunk(m, x, registry.get_engine("weight", "grouped"), masks, budget_bytes=per_member * 2.5) == 2
+    assert auto_chunk(m, x, registry.get_engine("weight", "grouped"), masks, budget_bytes=1) == 1
 
 
 @pytest.mark.parametrize("engine", ["loop", "grouped"])
@@ -212,7 +216,7 @@ def test_non_finite_fitness_becomes_minus_inf(engine):
     masks = W.sample_weight_masks(m, 2, 0.0)
     masks["fc.weight"][0, 0] = False  # member 0 masks the infinite weight out, member 1 keeps it
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        f = W.score_weight_population(m, masks, x, y, engine=engine)
+        f = score_weight_population(m, masks, x, y, engine=engine)
     assert math.isfinite(float(f[0])) and float(f[1]) == -math.inf
 
 
@@ -235,11 +239,11 @@ def test_grouped_through_the_kernels_matches_loop():
     x, y = batch(m, n=2, h=5, w=6)
     masks = W.sample_weight_masks(m, 2, 0.5, generator=1)
     for bn in ("batch", "running"):
-        ref = W.score_weight_population(m, masks, x, y, engine="loop", bn=bn)
+        ref = score_weight_population(m, masks, x, y, engine="loop", bn=bn)
         with ops.use_kernels(True):
             if not ops.kernels_active(x):
                 pytest.skip("Triton kernels unavailable here")
-            got = W.score_weight_population(m, masks, x, y, engine="grouped", bn=bn)
+            got = score_weight_population(m, masks, x, y, engine="grouped", bn=bn)
         assert_fitness_close(got, ref)
 
 
@@ -248,7 +252,7 @@ def test_clear_errors_for_bad_masks():
     m = fw.WideResNet(10, 1, in_channels=1)
     x, y = batch(m)
     good = W.sample_weight_masks(m, 2, 0.5)
-    score = lambda masks, **kw: W.score_weight_population(m, masks, x, y, **kw)  # noqa: E731
+    score = lambda masks, **kw: score_weight_population(m, masks, x, y, **kw)  # noqa: E731
     with pytest.raises(ValueError, match="missing weight tensors.*fc.weight"):
         score({k: v for k, v in good.items() if k != "fc.weight"})
     with pytest.raises(ValueError, match="unknown weight tensors.*fc.bias"):
@@ -272,35 +276,35 @@ def test_clear_errors_for_bad_masks():
     with pytest.raises(ValueError, match="chunk_size"):
         score(good, chunk_size=0)
     with pytest.raises(ValueError, match="labels"):
-        W.score_weight_population(m, good, x, y[:-1])
+        score_weight_population(m, good, x, y[:-1])
     with pytest.raises(ValueError, match="channels"):
-        W.score_weight_population(m, good, torch.randn(2, 3, 8, 8), y[:2])
+        score_weight_population(m, good, torch.randn(2, 3, 8, 8), y[:2])
     with pytest.raises(ValueError, match="WideResNet"):
-        W.score_weight_population(nn.Linear(2, 2), good, x, y)
+        score_weight_population(nn.Linear(2, 2), good, x, y)
     with pytest.raises(IndexError):
         W.member_weights(m, good, 2)
     with pytest.raises(ValueError, match="engine"):
-        W.weight_scoring_flops(m, good, 4, 8, "auto")
+        registry.scoring_flops(m, good, 4, 8, "auto", space="weight")
 
 
 def test_clear_errors_for_bad_member():
     m = fw.WideResNet(10, 1, in_channels=1)
     member = W.member_weights(m, W.sample_weight_masks(m, 2, 0.5), 0)
     with pytest.raises(ValueError, match="parameter's shape"):
-        W.WeightMaskedNet(copy.deepcopy(m), {**member, "stem.weight": torch.ones(16, 1, 3, 2, dtype=torch.bool)})
+        WeightMaskedNet(copy.deepcopy(m), {**member, "stem.weight": torch.ones(16, 1, 3, 2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="missing weight tensors"):
         W.weight_training_flops(m, {k: v for k, v in member.items() if k != "stem.weight"}, 8)
     with pytest.raises(ValueError, match="population of 2"):
         W.weight_forward_flops(m, W.sample_weight_masks(m, 2, 0.5), 8)
     with pytest.raises(ValueError, match="bool"):
-        W.WeightMaskedNet(copy.deepcopy(m), {k: v.float() for k, v in member.items()})
+        WeightMaskedNet(copy.deepcopy(m), {k: v.float() for k, v in member.items()})
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
 def one_live_per_tensor(model):
     """A one-member weight mask keeping exactly the first weight of every tensor."""
     out = {}
-    for k, n in W.weight_sets(model).items():
+    for k, n in weight_sets(model).items():
         row = torch.zeros(1, n, dtype=torch.bool)
         row[0, 0] = True
         out[k] = row
@@ -324,7 +328,7 @@ def test_useful_flops_by_hand(depth, width, cin):
     expect += 2  # fc
     member = one_live_per_tensor(m)
     assert W.weight_forward_flops(m, member, (h, w)) == expect
-    f = W.weight_scoring_flops(m, member, 3, (h, w), "loop")
+    f = registry.scoring_flops(m, member, 3, (h, w), "loop", space="weight")
     assert f["useful"] == 3 * expect and f["executed"] == 3 * count_forward(m, (h, w)).total
     t = W.weight_training_flops(m, member, (h, w))
     assert t["useful"] == 3 * expect - 2 * h * w and t["executed"] == train_step_flops(m, (h, w))
@@ -333,10 +337,10 @@ def test_useful_flops_by_hand(depth, width, cin):
 def test_useful_flops_add_up_over_members_and_match_dense():
     m = fw.WideResNet(10, 2, in_channels=3)
     masks = W.sample_weight_masks(m, 4, 0.6, "global", generator=0)
-    f = W.weight_scoring_flops(m, masks, 5, 12, "grouped")
+    f = registry.scoring_flops(m, masks, 5, 12, "grouped", space="weight")
     per = [W.weight_forward_flops(m, W.member_weights(m, masks, i), 12) for i in range(4)]
     assert f["useful"] == 5 * sum(per)
-    dense = W.weight_sets(m)
+    dense = weight_sets(m)
     assert W.weight_forward_flops(m, {k: torch.ones(n, dtype=torch.bool) for k, n in dense.items()}, 12) \
         == count_forward(m, 12).total
     assert 0.3 < f["useful"] / f["executed"] < 0.5  # about 40% of the weights live
@@ -348,8 +352,8 @@ def test_executed_flops_match_flop_counter(engine):
     x, y = batch(m, n=3, h=10, w=7)
     for sparsity in (0.0, 0.7):
         masks = W.sample_weight_masks(m, 3, sparsity, generator=1)
-        counted, _ = counted_flops(W.score_weight_population, m, masks, x, y, engine=engine, chunk_size=2)
-        f = W.weight_scoring_flops(m, masks, 3, (10, 7), engine)
+        counted, _ = counted_flops(score_weight_population, m, masks, x, y, engine=engine, chunk_size=2)
+        f = registry.scoring_flops(m, masks, 3, (10, 7), engine, space="weight")
         assert counted == f["executed"]
         if sparsity == 0.0:
             assert f["useful"] == f["executed"]
@@ -359,7 +363,7 @@ def test_training_flops_match_flop_counter():
     m = tiny(10, 1, 1)
     x, y = batch(m, n=4, h=8, w=8)
     member = W.member_weights(m, W.sample_weight_masks(m, 1, 0.5), 0)
-    net = W.WeightMaskedNet(copy.deepcopy(m), member)
+    net = WeightMaskedNet(copy.deepcopy(m), member)
 
     def step():
         F.cross_entropy(net(x), y).backward()
@@ -381,7 +385,7 @@ def sgd(net, nesterov=True):
 def test_masked_weights_stay_zero_through_sgd(nesterov):
     m = tiny(10, 2, 3)
     member = W.member_weights(m, W.sample_weight_masks(m, 1, 0.6, "global", generator=3), 0)
-    net = W.WeightMaskedNet(copy.deepcopy(m), member)
+    net = WeightMaskedNet(copy.deepcopy(m), member)
     params = dict(net.net.named_parameters())
     start = {k: p.detach().clone() for k, p in params.items()}
     assert all(bool((params[k][~v] == 0).all()) and torch.equal(params[k][v], start[k][v])
@@ -408,7 +412,7 @@ def test_masked_net_forward_export_and_scoring_agree(bn):
     m = tiny(10, 1, 1)
     masks = W.sample_weight_masks(m, 1, 0.5, generator=9)
     held = copy.deepcopy(m)
-    net = W.WeightMaskedNet(held, masks)  # a Masks of one member works too
+    net = WeightMaskedNet(held, masks)  # a Masks of one member works too
     assert net.net is held and list(held.state_dict()) == list(m.state_dict())
     x, _ = batch(m, n=4)
     net.eval()
@@ -418,7 +422,7 @@ def test_masked_net_forward_export_and_scoring_agree(bn):
     atol, rtol = TOL[torch.float32]
     assert torch.allclose(plain(x, bn=bn), out, rtol=rtol, atol=atol)
     if bn is not None:
-        assert torch.allclose(W.weight_logits(m, masks, x, bn)[0], out, rtol=rtol, atol=atol)
+        assert torch.allclose(logits(m, masks, x, space="weight", bn=bn)[0], out, rtol=rtol, atol=atol)
     params = dict(plain.named_parameters())
     assert all(torch.equal(params[k] == 0, ~v | (params[k] == 0))
                for k, v in W.member_weights(m, masks, 0).items())
@@ -435,8 +439,8 @@ def test_masked_net_under_torch_compile(backend):
     seconds; inductor: the default backend, about a minute of C++ compilation on 2 cores when cold)."""
     m = tiny(10, 1, 1)
     member = W.member_weights(m, W.sample_weight_masks(m, 1, 0.5, generator=0), 0)
-    eager = W.WeightMaskedNet(copy.deepcopy(m), member)
-    compiled_net = W.WeightMaskedNet(copy.deepcopy(m), member)
+    eager = WeightMaskedNet(copy.deepcopy(m), member)
+    compiled_net = WeightMaskedNet(copy.deepcopy(m), member)
     fwd = torch.compile(compiled_net, backend=backend)
     x, y = batch(m, n=4, h=8, w=8)
     losses = []
@@ -459,7 +463,7 @@ def test_random_search_over_weight_masks():
     """The search's sampling, selection and mutation work on weight masks unchanged."""
     m = tiny(10, 1, 1, classes=10)
     x, y = batch(m, n=16, h=8, w=8)
-    sets = W.weight_sets(m)
+    sets = weight_sets(m)
     for strategy in ("random", "evolution"):
         cfg = fw.SearchConfig(population=4, generations=2, batch_size=8, strategy=strategy)
         res = fw.random_search(m, x, y, cfg, sparsity=0.5, granularity="weight", seed=0)

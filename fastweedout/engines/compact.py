@@ -16,7 +16,7 @@ Two paths, the same function:
   (the raw tensor, its batch moments, and the consumer's scale/shift with the mask folded in) and
   is applied in the next convolution's A-tile prologue; conv2 adds the residual and writes the
   statistics partials of the block output in its epilogue (``ops.fused_conv``). A block then moves
-  about 5 activation-sized tensors instead of about 12 (``fastweedout.cost.flops.scoring_bytes``).
+  about 5 activation-sized tensors instead of about 12 (``fastweedout.cost.bytes.scoring_bytes``).
 """
 
 from __future__ import annotations

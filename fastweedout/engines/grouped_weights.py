@@ -18,11 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from fastweedout.config import WEIGHT_ENGINES
 from fastweedout.masks import Masks
-from fastweedout.model.backend import BaseBackend, ShapeBackend
+from fastweedout.model.backend import BaseBackend
 from fastweedout.model.wrn import WideResNet
 from fastweedout.ops import dispatch as ops
 
@@ -92,48 +90,4 @@ def masked_parameters(model: WideResNet, member: dict[str, Tensor]) -> dict[str,
     return {k: torch.where(m.to(params[k].device).view(params[k].shape), params[k], 0.0) for k, m in member.items()}
 
 
-@torch.no_grad()
-def weight_population_logits(model: WideResNet, masks: Masks, images: Tensor, engine: str, bn: str) -> Tensor:
-    """Logits ``[P, B, classes]`` of every member of a (validated) weight-mask population, one chunk."""
-    if engine == "loop":
-        return torch.stack([functional_call(model, masked_parameters(model, masks.member(i)), (images,), {"bn": bn})
-                            for i in range(masks.population)])
-    if engine == "grouped":
-        return model.walk(GroupedWeightBackend(model, masks, bn, images.device, images.dtype), images)
-    raise ValueError(f"weight-mask engine must be one of {WEIGHT_ENGINES[1:]}, got {engine!r}")
-
-
-class SpatialBackend(ShapeBackend):
-    """Walks shapes ``(H, W)`` and records, per conv/linear module, how many times each of its weights
-    is used per image: ``H_out * W_out`` for a convolution, 1 for the linear layer."""
-
-    def __init__(self):
-        self.uses: dict[int, int] = {}
-
-    def _conv(self, x, conv):
-        (h, w), (kh, kw), (sh, sw), (ph, pw) = x, conv.kernel_size, conv.stride, conv.padding
-        out = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
-        self.uses[id(conv)] = out[0] * out[1]
-        return out
-
-    def stem(self, x, conv, node_set):
-        return self._conv(x, conv)
-
-    def conv(self, x, conv, in_set, out_set):
-        return self._conv(x, conv)
-
-    def head(self, x, fc, node_set):
-        self.uses[id(fc)] = 1
-        return x
-
-
-def weight_uses(model: WideResNet, image_size) -> dict[str, int]:
-    """Parameter name -> how many multiply-adds each of its weights takes per image."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    be = SpatialBackend()
-    model.walk(be, (int(h), int(w)))
-    return {name: be.uses[i] for i, name in _weight_names(model).items()}
-
-
-__all__ = ["WEIGHT_ENGINES", "GroupedWeightBackend", "SpatialBackend", "masked_parameters", "weight_population_logits",
-           "weight_uses"]
+__all__ = ["GroupedWeightBackend", "masked_parameters"]

@@ -21,7 +21,6 @@ import time
 import torch
 
 from fastweedout.config import RunConfig, Runtime
-from fastweedout.cost.flops import scoring_flops
 from fastweedout.data.datasets import Dataset
 from fastweedout.data.loader import DeviceLoader
 from fastweedout.engines.scoring import score_population
@@ -86,11 +85,10 @@ class PopulationDuringTraining(TrainCallbacks):
         """Score the population with the current weights; returns the fittest member's index."""
         t0 = time.perf_counter()
         idx = torch.randperm(len(self.labels), generator=self.data_gen)[:self.batch].to(self.labels.device)
-        fit = score_population(net, self.pop, self.images[idx], self.labels[idx], engine=self.s.engine,
-                               metric=self.s.metric, bn=self.s.bn, distributed=False)
+        fit, info = score_population(net, self.pop, self.images[idx], self.labels[idx], engine=self.s.engine,
+                                     metric=self.s.metric, bn=self.s.bn, distributed=False, return_info=True)
         best = int(torch.argmax(fit))
-        fl = scoring_flops(net, self.pop, self.batch, tuple(self.images.shape[2:]),
-                           "compact" if self.s.engine == "auto" else self.s.engine)
+        fl = info["flops"]  # of the engine that ran, at the widths it ran
         self.flops = {k: self.flops[k] + fl[k] for k in self.flops}
         finite = fit[torch.isfinite(fit)]
         self.history.append(dict(type="population", step=step, best_fitness=float(fit[best]),

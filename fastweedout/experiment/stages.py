@@ -25,18 +25,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastweedout.config import PRUNE_METHODS, DataConfig, RunConfig, Runtime
-from fastweedout.cost.flops import forward_flops
 from fastweedout.data.datasets import Dataset, load_dataset
 from fastweedout.data.loader import DeviceLoader
-from fastweedout.engines import weight_scoring as W
-from fastweedout.engines.scoring import auto_engine, population_logits
+from fastweedout.engines.scoring import logits as population_logits
 from fastweedout.experiment import runs
 from fastweedout.experiment.runs import RunDir
 from fastweedout.masks import Masks, sample_masks
 from fastweedout.model.wrn import WideResNet
 from fastweedout.search.member_steps import StepStream
 from fastweedout.search.prune_init import prune_at_init
-from fastweedout.search.weedout import mask_space, random_mask, random_search
+from fastweedout.search.weedout import random_mask, random_search
+from fastweedout.spaces.registry import get_space
 from fastweedout.training import checkpoint
 from fastweedout.training.loop import TrainingDiverged, train
 
@@ -120,7 +119,7 @@ def check_resources(cfg: RunConfig, data: Dataset, device: torch.device) -> None
         model = cfg.model.build(num_classes=data.num_classes, in_channels=data.in_channels)
     params = sum(p.numel() for p in model.parameters())
     need = 16 * params  # weights, gradients, momentum, a copy
-    sets = mask_space(model, cfg.granularity)[0]
+    sets = get_space(cfg.granularity).sets(model)
     if cfg.search is not None:
         need += 24 * cfg.search.population * sum(sets.values())  # bool masks, float keys, int64 argsort
     avail = _available_bytes(device)
@@ -161,10 +160,7 @@ def evaluate_mask(model: WideResNet, masks: Masks, images: torch.Tensor, labels:
     seen = 0
     for start in range(0, n - b + 1, b):
         x, y = images[start:start + b], labels[start:start + b]
-        if granularity == "node":
-            logits = population_logits(model, masks, x, auto_engine(masks, x.device), bn)[0].float()
-        else:
-            logits = W.weight_logits(model, masks, x, bn)[0].float()
+        logits = population_logits(model, masks, x, space=granularity, bn=bn)[0].float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += float((logits.argmax(1) == y).sum())
         seen += y.shape[0]
@@ -229,7 +225,7 @@ def choose_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, ru
                  given: Masks | None) -> tuple[Masks, dict]:
     """The mask to train, from mask.pt when an earlier attempt got that far, else chosen (and saved);
     returns it with its metadata (the selection's cost and summary, the score before training)."""
-    layers = mask_space(model, cfg.granularity)[0]
+    layers = get_space(cfg.granularity).sets(model)
     if os.path.exists(rd.mask_path):
         try:
             m = Masks.load(rd.mask_path, layers)
@@ -285,14 +281,7 @@ def choose_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, ru
 
 def mask_record(cfg: RunConfig, model: WideResNet, mask: Masks, meta: dict, image_size: int) -> dict:
     live = {k: int(v.sum()) for k, v in mask.items()}
-    if cfg.granularity == "node":
-        pruned = model.prune(mask.member(0))
-        params = sum(p.numel() for p in pruned.parameters())
-        flops = forward_flops(pruned, image_size)
-    else:
-        masked = sum(int(v.numel()) for _, v in mask.items())
-        params = sum(p.numel() for p in model.parameters()) - masked + sum(live.values())
-        flops = W.weight_forward_flops(model, W.member_weights(model, mask, 0), image_size)
+    flops, params = get_space(cfg.granularity).live(model, mask, image_size)
     return dict(type="mask", arm=cfg.arm, granularity=cfg.granularity, sparsity=mask.sparsity(), live=live,
                 params=params, forward_flops=flops, **meta["init"])
 

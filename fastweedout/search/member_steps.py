@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from fastweedout.config import SearchConfig
-from fastweedout.cost.flops import forward_flops, scoring_bytes, train_step_flops
+from fastweedout.cost.bytes import scoring_bytes
+from fastweedout.cost.flops import forward_flops, train_step_flops
 from fastweedout.data.datasets import Split
 from fastweedout.data.loader import DeviceLoader
 from fastweedout.engines.scoring import member_losses

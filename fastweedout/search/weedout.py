@@ -3,7 +3,7 @@ tournament / evolution strategies.
 
 A mask population is a :class:`fastweedout.masks.Masks` over a *space*: the model's node sets
 (``granularity="node"``, structured) or its weight tensors (``"weight"``, unstructured, see
-``fastweedout.engines.weight_scoring``); sampling, selection, mutation and checkpoints are the same for both, only
+``fastweedout.spaces.weight``); sampling, selection, mutation and checkpoints are the same for both, only
 scoring differs.
 """
 
@@ -18,13 +18,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fastweedout.atomic import atomic_torch_save
-from fastweedout.config import GRANULARITIES, SearchConfig
-from fastweedout.cost.flops import CONVENTION, scoring_flops
-from fastweedout.engines import weight_scoring as weight_space
-from fastweedout.engines.scoring import check_batch, score_population
+from fastweedout.config import SearchConfig
+from fastweedout.cost.flops import CONVENTION
+from fastweedout.engines.scoring import check_batch, score
 from fastweedout.masks import MODES, Masks, Sparsity, layer_sparsities, sample_masks
 from fastweedout.model.wrn import WideResNet
 from fastweedout.search.member_steps import StepStream, score_after_steps
+from fastweedout.spaces.registry import get_space
 
 EVOLUTION_TOP = 0.2  # truncation selection: parents come from the fittest 20%
 
@@ -91,13 +91,6 @@ class SearchResult:
         return d
 
 
-def mask_space(model: WideResNet, granularity: str):
-    """(sets -> sizes, score function, FLOP function) of a granularity."""
-    if granularity == "node":
-        return model.node_layers(), score_population, scoring_flops
-    return weight_space.weight_sets(model), weight_space.score_weight_population, weight_space.weight_scoring_flops
-
-
 def random_search(model: WideResNet, images: Tensor, labels: Tensor, config: SearchConfig = SearchConfig(), *,
                   sparsity: Sparsity = 0.5, mode: str = "layerwise", granularity: str = "node", seed: int = 0,
                   train_stream: StepStream | None = None, chunk_size: int | None = None,
@@ -122,13 +115,12 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, config: Sea
         raise ValueError(f"config must be a SearchConfig, got {type(config).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    space = get_space(granularity)
     if config.member_steps and train_stream is None:
         raise ValueError("member_steps > 0 needs a train_stream of training batches")
     if config.member_steps and granularity != "node":
         raise ValueError("member_steps are supported for node masks only")
-    layers, score, flop_count = mask_space(model, granularity)
+    layers = space.sets(model)
     layer_sparsities(layers, sparsity)  # validates before any work
     check_batch(model, images, labels)
     n = images.shape[0]
@@ -181,9 +173,9 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, config: Sea
         if c.member_steps:
             fit, info, fl = score_after_steps(model, pop, xb, yb, train_stream, c)
         else:
-            fit, info = score(model, pop, xb, yb, engine=c.engine, metric=c.metric, bn=c.bn,
+            fit, info = score(model, pop, xb, yb, space=granularity, engine=c.engine, metric=c.metric, bn=c.bn,
                               chunk_size=chunk_size, return_info=True, distributed=distributed)
-            fl = flop_count(model, pop, batch_size, tuple(images.shape[2:]), info["engine"])
+            fl = info.pop("flops")
         if not bool(torch.isfinite(fit).any()):
             raise ValueError(f"generation {g}: every member's fitness is NaN/inf (diverged network or bad data)")
         best = int(torch.argmax(fit))  # -inf members (NaN fitness) are never selected
@@ -215,8 +207,7 @@ def random_search(model: WideResNet, images: Tensor, labels: Tensor, config: Sea
 def random_mask(model: WideResNet, sparsity: Sparsity, mode: str = "layerwise", seed: int = 0,
                 granularity: str = "node") -> Masks:
     """The control arm: one random mask of the same sparsity (no search)."""
-    layers = mask_space(model, granularity)[0]
-    return sample_masks(layers, 1, sparsity, mode, torch.Generator().manual_seed(seed))
+    return get_space(granularity).sample(model, 1, sparsity, mode, torch.Generator().manual_seed(seed))
 
 
-__all__ = ["EVOLUTION_TOP", "SearchResult", "mask_space", "mutate", "next_generation", "random_mask", "random_search"]
+__all__ = ["EVOLUTION_TOP", "SearchResult", "mutate", "next_generation", "random_mask", "random_search"]

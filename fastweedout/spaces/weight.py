@@ -9,44 +9,26 @@ the search's mutation work on them unchanged. BN parameters and the linear layer
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from fastweedout.cost.flops import CONVENTION, train_step_flops, weight_live_flops
 from fastweedout.masks import Masks, Sparsity, sample_masks
+from fastweedout.model.masked import (
+    WeightMaskedNet,
+    check_weight_names,
+    describe_mask,
+    shaped_member,
+    weight_sets,
+    weight_shapes,
+)
 from fastweedout.model.wrn import WideResNet
-
-
-def weight_sets(model: WideResNet) -> OrderedDict[str, int]:
-    """Maskable weight tensors, in ``model.named_parameters()`` order: parameter name -> numel
-    (``stem.weight``, every block's ``conv1``/``conv2``/``shortcut`` weight, ``fc.weight``)."""
-    if not isinstance(model, WideResNet):
-        raise ValueError(f"model must be a fastweedout.WideResNet, got {type(model).__name__}")
-    kinds = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    return OrderedDict((n, p.numel()) for n, p in model.named_parameters() if n in kinds)
-
-
-def weight_shapes(model: WideResNet) -> OrderedDict[str, torch.Size]:
-    """Maskable weight tensors: parameter name -> shape (same order as :func:`weight_sets`)."""
-    params = dict(model.named_parameters())
-    return OrderedDict((n, params[n].shape) for n in weight_sets(model))
-
-
-def _describe(m) -> str:
-    return f"{m.dtype} {list(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
-
-
-def _check_names(sets: Mapping[str, int], names) -> None:
-    names = list(names)
-    unknown = [k for k in names if k not in sets]
-    missing = [k for k in sets if k not in names]
-    if unknown or missing:
-        parts = ([f"unknown weight tensors {unknown}"] if unknown else []) + \
-                ([f"missing weight tensors {missing}"] if missing else [])
-        raise ValueError("weight masks do not fit the model: " + "; ".join(parts)
-                         + f" (the model's maskable weights are {list(sets)})")
+from fastweedout.spaces.node import count_params
+from fastweedout.spaces.space import MaskSpace
 
 
 def check_weight_masks(model: WideResNet, masks) -> Masks:
@@ -62,11 +44,11 @@ def check_weight_masks(model: WideResNet, masks) -> Masks:
         items = dict(masks)
         for name, m in items.items():
             if not isinstance(m, Tensor) or m.dtype != torch.bool or m.dim() != 2:
-                raise ValueError(f"weight mask {name!r} must be a bool tensor [P, numel], got {_describe(m)}")
+                raise ValueError(f"weight mask {name!r} must be a bool tensor [P, numel], got {describe_mask(m)}")
     else:
         raise ValueError(f"weight masks must be a Masks or a mapping name -> bool [P, numel], got "
                          f"{type(masks).__name__}")
-    _check_names(sets, items)
+    check_weight_names(sets, items)
     for name, n in sets.items():
         if items[name].shape[1] != n:
             raise ValueError(f"weight mask {name!r} has {items[name].shape[1]} entries per member; the weight "
@@ -92,28 +74,44 @@ def member_weights(model: WideResNet, masks, i: int) -> dict[str, Tensor]:
     return {k: v.reshape(shapes[k]) for k, v in masks.member(i).items()}
 
 
-def shaped_member(model: WideResNet, member) -> dict[str, Tensor]:
-    """One member's weight mask (a Masks of one member, or a mapping name -> bool tensor shaped like the
-    parameter or flat ``[numel]``), validated: name -> bool tensor shaped like the parameter."""
-    if isinstance(member, Masks):
-        if member.population != 1:
-            raise ValueError(f"one member's weight mask is needed; got a population of {member.population}")
-        return member_weights(model, member, 0)
-    if not isinstance(member, Mapping):
-        raise ValueError(f"a member's weight mask must be a mapping name -> bool tensor, got {type(member).__name__}")
-    shapes = weight_shapes(model)
-    _check_names(shapes, member)
-    out = {}
-    for name, shape in shapes.items():
-        m = member[name]
-        if not isinstance(m, Tensor) or m.dtype != torch.bool:
-            raise ValueError(f"weight mask {name!r} must be a bool tensor, got {_describe(m)}")
-        if tuple(m.shape) not in (tuple(shape), (shape.numel(),)):
-            raise ValueError(f"weight mask {name!r} must have the parameter's shape {list(shape)} "
-                             f"(or [{shape.numel()}]), got {list(m.shape)}")
-        out[name] = m.reshape(shape)
-    return out
+class WeightSpace(MaskSpace):
+    """Weight tensors (:func:`weight_sets`) -> bool ``[P, numel]``: unstructured sparsity. The trained
+    network is the full one under the mask (:class:`WeightMaskedNet`: masked weights exact zeros)."""
+
+    name = "weight"
+
+    def sets(self, model: WideResNet) -> OrderedDict[str, int]:
+        return weight_sets(model)
+
+    def check(self, model: WideResNet, masks) -> Masks:
+        return check_weight_masks(model, masks)
+
+    def live(self, model: WideResNet, member: Masks, image_size) -> tuple[int, int]:
+        shaped = member_weights(model, member, 0)
+        off = sum(int((~v).sum()) for v in shaped.values())
+        return weight_forward_flops(model, shaped, image_size), count_params(model) - off
+
+    def trainable(self, model: WideResNet, member: dict[str, Tensor], masked: bool) -> tuple[nn.Module, nn.Module]:
+        net = copy.deepcopy(model)
+        return net, WeightMaskedNet(net, shaped_member(model, member))
 
 
-__all__ = ["check_weight_masks", "member_weights", "sample_weight_masks", "shaped_member", "weight_sets",
-           "weight_shapes"]
+def weight_forward_flops(model: WideResNet, member, image_size) -> int:
+    """Useful forward FLOPs per image of one member's live weights (``member``: name -> bool tensor,
+    shaped like the parameter or flat, or a weight-mask Masks of one member)."""
+    live = {k: int(v.sum()) for k, v in shaped_member(model, member).items()}
+    return weight_live_flops(model, live, image_size)[0]
+
+
+def weight_training_flops(model: WideResNet, member, image_size) -> dict:
+    """Useful and executed FLOPs per image of one training step of the full network under one member's
+    weight mask: 3x the forward less the stem's grad-input (as ``train_step_flops``); useful: the live
+    weights only; executed: the dense step (the masked weights are multiplied as zeros)."""
+    live = {k: int(v.sum()) for k, v in shaped_member(model, member).items()}
+    total, stem = weight_live_flops(model, live, image_size)
+    return {"useful": int(3 * total - stem), "executed": int(train_step_flops(model, image_size)),
+            "convention": CONVENTION}
+
+
+__all__ = ["WeightSpace", "check_weight_masks", "member_weights", "sample_weight_masks", "weight_forward_flops",
+           "weight_training_flops"]

@@ -31,8 +31,9 @@ from fastweedout.config import TrainConfig
 from fastweedout.data.datasets import Dataset
 from fastweedout.data.loader import DeviceLoader
 from fastweedout.model.wrn import WideResNet
+from fastweedout.spaces.node import count_params
 from fastweedout.training import checkpoint as ckpt
-from fastweedout.training.network import MaskedNet, count_params, member_mask, prepare_network
+from fastweedout.training.network import member_mask, prepare_network
 from fastweedout.world import (
     DDP_BN_MODES,
     GlobalBatchNorm2d,
@@ -221,7 +222,7 @@ def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainCon
     record; returning True stops after that epoch. ``on_step(step, loss)`` gets the global batch's
     mean loss after each step (one extra all-reduce and host sync per step). ``max_steps`` stops after
     that many optimizer steps in all (no evaluation of a partial epoch). ``granularity="weight"``: the
-    mask is over weights (``fastweedout.engines.weight_scoring``) and the full network trains with the masked weights
+    mask is over weights (``fastweedout.spaces.weight``) and the full network trains with the masked weights
     held at zero. Raises :class:`TrainingDiverged`.
     """
     if not isinstance(model, WideResNet):
@@ -397,6 +398,6 @@ def shard_range_of(n: int, world: World) -> tuple[int, int]:
     return world.shard(n) if world.distributed else (0, n)
 
 
-__all__ = ["EpochRecord", "MaskedNet", "PhaseStats", "TrainCallbacks", "TrainResult", "TrainingDiverged",
-           "count_params", "criterion", "data_fingerprint", "evaluate", "lr_factor", "make_optimizer", "member_mask",
+__all__ = ["EpochRecord", "PhaseStats", "TrainCallbacks", "TrainResult", "TrainingDiverged",
+           "criterion", "data_fingerprint", "evaluate", "lr_factor", "make_optimizer", "member_mask",
            "prepare_network", "train"]
