@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastweedout.experiment.stages import cpu_name
+from fastweedout.experiment.runtime import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "fastweedout.bench/2"

@@ -156,7 +156,7 @@ def cmd_search(args, rt: Runtime) -> int:
         raise UsageError(f"{PROG} search: error: --out {args.out} must be a file path in an existing directory")
     cfg = build_run_config({**vals, "training": None})
     data = prepare([cfg], rt.results, rt)[runs.canonical_json(cfg.data)]
-    out = execute_run(cfg, rt.results, rt, data=data)
+    out = execute_run(cfg, rt.results, rt, data=data, checked=True)
     mask = os.path.join(out.path, runs.MASK_NAME)
     if args.out:
         runs.atomic_copy(mask, args.out)
@@ -204,7 +204,7 @@ def cmd_train(args, rt: Runtime) -> int:
         check_mask_fits(mask, cfg, data, args.mask)
         check_against_data(cfg, data)
         runs.check_results_dir(rt.results)
-    out = execute_run(cfg, rt.results, rt, data=data, given_mask=mask)
+    out = execute_run(cfg, rt.results, rt, data=data, given_mask=mask, checked=mask is None)
     print(_final_line(out))
     return 0
 
@@ -333,15 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         args._seed_given = "--seed" in argv
         rt = flags.runtime_of(args) if args.command != "report" else None
-        if rt is not None:
-            if rt.threads:
-                import torch
+        if rt is not None:  # once: the device, the threads, deterministic kernels
+            from fastweedout.experiment.runtime import resolve_runtime
 
-                torch.set_num_threads(rt.threads)
-            if rt.deterministic:
-                from fastweedout.experiment.stages import set_deterministic
-
-                set_deterministic()
+            rt = resolve_runtime(rt)
         return COMMANDS[args.command](args, rt)
     except UsageError as e:
         print(_one_line(e), file=sys.stderr)

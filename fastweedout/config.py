@@ -347,21 +347,6 @@ class Runtime:
     def __post_init__(self):
         check(self)
 
-    def resolved_device(self):
-        import torch
-
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"unknown device {self.device!r} (use cpu, cuda or cuda:N)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {self.device!r}: only cpu and cuda are supported")
-        return dev
-
 
 __all__ = ["ARMS", "DataConfig", "ENGINES", "GRANULARITIES", "GRID_ARMS", "METRICS", "ModelConfig", "PIPELINE_VERSION",
            "PRUNE_METHODS", "PruneConfig", "RunConfig", "Runtime", "SCHEDULES", "SEARCH_ARMS", "SECTIONS", "STRATEGIES",

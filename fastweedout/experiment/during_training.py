@@ -126,7 +126,7 @@ def run_throughout(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset,
                    env: dict) -> RunOutcome:
     """The throughout arm inside :func:`fastweedout.experiment.pipeline.execute_run` (holding the run's lock)."""
     (ex, ey), (sx, sy) = validation_parts(data)
-    device = runtime.resolved_device()
+    device = runtime.device
     cb = PopulationDuringTraining(cfg, model, sx, sy, derive_seed(cfg.seed, "mask"))
     full = dataclasses.replace(cfg.training, masked=True)
     everyone = sample_masks(model.node_layers(), 1, 0.0)

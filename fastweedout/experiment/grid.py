@@ -17,16 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fastweedout.config import RunConfig, Runtime, build_run_config
 from fastweedout.data.datasets import Dataset
 from fastweedout.experiment import claims, runs
 from fastweedout.experiment.pipeline import execute_run
 from fastweedout.experiment.runs import RunDir
+from fastweedout.experiment.runtime import ResolvedRuntime, resolve_runtime
 from fastweedout.experiment.stages import RunOutcome, check_against_data, check_resources, load_data
 from fastweedout.training.loop import TrainingDiverged
-from fastweedout.world import env_world, local_rank
+from fastweedout.world import env_world
 
 WAIT_POLL_S = 5.0
 
@@ -77,11 +76,13 @@ def precheck_results(results: str | os.PathLike) -> None:
         runs.check_results_dir(results)
 
 
-def prepare(configs: Sequence[RunConfig], results: str | os.PathLike, runtime: Runtime) -> dict[str, Dataset]:
+def prepare(configs: Sequence[RunConfig], results: str | os.PathLike,
+            runtime: Runtime | ResolvedRuntime) -> dict[str, Dataset]:
     """Load every data config once and check every run against its data and the memory, before the
     first run directory is written; returns the datasets by canonical data config."""
     precheck_results(results)
-    device = runtime.resolved_device()
+    runtime = resolve_runtime(runtime)
+    device = runtime.device
     cache: dict[str, Dataset] = {}
     for c in configs:
         key = runs.canonical_json(c.data)
@@ -93,17 +94,15 @@ def prepare(configs: Sequence[RunConfig], results: str | os.PathLike, runtime: R
     return cache
 
 
-def run_grid(configs: Sequence[RunConfig], results: str | os.PathLike, runtime: Runtime | None = None, *,
-             on_run: Callable[[RunOutcome], None] | None = None, wait: bool = True,
-             poll_s: float = WAIT_POLL_S) -> GridOutcome:
+def run_grid(configs: Sequence[RunConfig], results: str | os.PathLike,
+             runtime: Runtime | ResolvedRuntime | None = None, *, on_run: Callable[[RunOutcome], None] | None = None,
+             wait: bool = True, poll_s: float = WAIT_POLL_S) -> GridOutcome:
     """Run every config that no process has done or is doing; then, with ``wait``, wait for the runs
     other processes hold and take over any whose owner dies. Under torchrun/srun each rank tries its
     round-robin share first, then steals the others' (``fastweedout.experiment.claims.order_for_rank``)."""
-    runtime = runtime or Runtime()
+    runtime = resolve_runtime(runtime)  # once: device (a GPU per rank), threads, determinism
     cache = prepare(configs, results, runtime)
     rank, size = env_world()
-    if size > 1 and runtime.resolved_device().type == "cuda":
-        torch.cuda.set_device(local_rank())  # one GPU per rank
     outcomes: list[RunOutcome] = []
     failures: list[tuple[RunConfig, str]] = []
     from tqdm.auto import tqdm
@@ -116,7 +115,7 @@ def run_grid(configs: Sequence[RunConfig], results: str | os.PathLike, runtime: 
             if not mine and not os.path.exists(os.path.join(path, runs.DONE_NAME)):
                 return False
             try:
-                out = execute_run(c, results, runtime, data=data)
+                out = execute_run(c, results, runtime, data=data, checked=True)
             except TrainingDiverged as e:
                 failures.append((c, str(e)))
                 return True

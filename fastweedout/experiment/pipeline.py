@@ -14,13 +14,13 @@ from fastweedout.data.datasets import Dataset
 from fastweedout.experiment import runs
 from fastweedout.experiment.during_training import run_throughout
 from fastweedout.experiment.runs import RunDir, RunError
+from fastweedout.experiment.runtime import ResolvedRuntime, environment, resolve_runtime
 from fastweedout.experiment.stages import (
     RunOutcome,
     build_model,
     check_against_data,
     check_resources,
     choose_mask,
-    environment,
     load_data,
     mask_record,
     pretrain,
@@ -39,17 +39,19 @@ def _records_readable(rd: RunDir) -> bool:
     return any(r.get("type") == "final" for r in recs) or rd.config.get("training") is None
 
 
-def execute_run(cfg: RunConfig, results: str | os.PathLike, runtime: Runtime | None = None, *,
-                data: Dataset | None = None, given_mask: Masks | None = None) -> RunOutcome:
+def execute_run(cfg: RunConfig, results: str | os.PathLike, runtime: Runtime | ResolvedRuntime | None = None, *,
+                data: Dataset | None = None, given_mask: Masks | None = None, checked: bool = False) -> RunOutcome:
     """Run one config in its directory under ``results``: skipped when done, resumed when interrupted.
 
     Order of writes (each atomic): config.json, the parent after pretraining, search checkpoints,
     mask.pt, results.jsonl records, training checkpoints with per-epoch records, the final records,
     and the ``done`` marker last. A finished run whose results.jsonl is damaged is rebuilt from its
     checkpoints. Raises :class:`fastweedout.training.loop.TrainingDiverged` on a NaN loss.
+    ``checked``: ``data`` was already checked against this config and the memory (the grid does that
+    for every run before the first starts).
     """
-    runtime = runtime or Runtime()
-    device = runtime.resolved_device()
+    runtime = resolve_runtime(runtime)
+    device = runtime.device
     path = os.path.join(os.fspath(results), runs.run_dir_name(cfg.name, cfg))
     if os.path.exists(os.path.join(path, runs.DONE_NAME)):
         rd = RunDir.open(results, cfg.name, cfg)  # verifies its config
@@ -62,8 +64,9 @@ def execute_run(cfg: RunConfig, results: str | os.PathLike, runtime: Runtime | N
         data = load_data(cfg.data, runtime)
     elif data.device != device:
         data = data.to(device)
-    check_against_data(cfg, data)
-    check_resources(cfg, data, device)
+    if not checked:
+        check_against_data(cfg, data)
+        check_resources(cfg, data, device)
     rd = RunDir.open(results, cfg.name, cfg)
     with rd:
         if rd.is_done():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, replace
 
@@ -30,6 +29,7 @@ from fastweedout.data.loader import DeviceLoader
 from fastweedout.engines.scoring import logits as population_logits
 from fastweedout.experiment import runs
 from fastweedout.experiment.runs import RunDir
+from fastweedout.experiment.runtime import ResolvedRuntime, available_bytes, resolve_runtime
 from fastweedout.masks import Masks, sample_masks
 from fastweedout.model.wrn import WideResNet
 from fastweedout.search.member_steps import StepStream
@@ -57,19 +57,9 @@ def mask_digest(masks: Masks) -> str:
     return h.hexdigest()
 
 
-def set_deterministic() -> None:
-    """Deterministic kernels (``--deterministic``): run-to-run bitwise equal results on the same GPU and
-    software, at some speed cost. CPU runs are deterministic without it."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS: fixed workspace, fixed reduction order
-    os.environ["FASTWEEDOUT_AUTOTUNE"] = "0"  # Triton conv: the heuristic block sizes, not the fastest-timed ones
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def load_data(cfg: DataConfig, runtime: Runtime | None = None) -> Dataset:
+def load_data(cfg: DataConfig, runtime: Runtime | ResolvedRuntime | None = None) -> Dataset:
     """The dataset of a config, on the runtime's device, its training split cut to ``train_subset``."""
-    runtime = runtime or Runtime()
+    runtime = resolve_runtime(runtime)
     data = load_dataset(cfg.name, root=runtime.data_root, val_size=cfg.val_size, seed=cfg.split_seed,
                         download=runtime.download, synthetic=cfg.synthetic)
     if cfg.train_subset is not None:
@@ -77,7 +67,7 @@ def load_data(cfg: DataConfig, runtime: Runtime | None = None) -> Dataset:
         if cfg.train_subset > n:
             raise ValueError(f"train_subset {cfg.train_subset} exceeds the {n} images of the training split")
         data = replace(data, train=data.train.subset(torch.arange(cfg.train_subset)))
-    return data.to(runtime.resolved_device())
+    return data.to(runtime.device)
 
 
 def search_pool_size(data: Dataset) -> int:
@@ -101,17 +91,6 @@ def check_against_data(cfg: RunConfig, data: Dataset) -> None:
         raise ValueError(f"the training split has fewer images than one member batch ({cfg.search.member_batch})")
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()}
-        return info.get("MemAvailable", info.get("MemFree", 1 << 62))
-    except OSError:
-        return 1 << 62
-
-
 def check_resources(cfg: RunConfig, data: Dataset, device: torch.device) -> None:
     """A ValueError, before anything is written, when the run cannot fit in memory: the model (with
     gradients and momentum) and one generation's masks with their sampling temporaries."""
@@ -122,7 +101,7 @@ def check_resources(cfg: RunConfig, data: Dataset, device: torch.device) -> None
     sets = get_space(cfg.granularity).sets(model)
     if cfg.search is not None:
         need += 24 * cfg.search.population * sum(sets.values())  # bool masks, float keys, int64 argsort
-    avail = _available_bytes(device)
+    avail = available_bytes(device)
     if need > 0.8 * avail:
         raise ValueError(f"this run needs about {need / 2**30:.1f} GiB of {device.type} memory for the model and "
                          f"one generation of masks; {avail / 2**30:.1f} GiB are available (use a smaller population "
@@ -167,27 +146,6 @@ def evaluate_mask(model: WideResNet, masks: Masks, images: torch.Tensor, labels:
     loss = loss_sum / seen
     return dict(init_val_loss=loss if math.isfinite(loss) else None, init_val_acc=correct / seen,
                 init_eval_images=seen, init_bn=bn)
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def environment(device: torch.device) -> dict:
-    """What a run's wall times depend on, recorded with its result."""
-    env = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
-               platform=platform.platform(), cpu=cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
 
 
 @dataclass
@@ -299,7 +257,7 @@ def train_run(rd: RunDir, cfg: RunConfig, model: WideResNet, mask, data: Dataset
 
     try:
         result = train(model, mask, data, training, seed=derive_seed(cfg.seed, "train"),
-                       device=runtime.resolved_device(), checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
+                       device=runtime.device, checkpoint_dir=ckpt_dir, on_epoch=on_epoch,
                        progress=runtime.progress, granularity=cfg.granularity)
     except TrainingDiverged as e:
         rd.upsert(dict(type="error", phase=phase, error=str(e)))
@@ -347,6 +305,6 @@ def check_mask_fits(mask: Masks, cfg: RunConfig, data: Dataset, path: str) -> No
 
 
 __all__ = ["INIT_EVAL_IMAGES", "RunOutcome", "build_model", "check_against_data", "check_mask_fits",
-           "check_resources", "choose_mask", "cpu_name", "derive_seed", "environment", "evaluate_mask", "given_config",
-           "load_data", "mask_digest", "mask_record", "pretrain", "read_mask_file", "set_deterministic", "train_run",
+           "check_resources", "choose_mask", "derive_seed", "evaluate_mask", "given_config",
+           "load_data", "mask_digest", "mask_record", "pretrain", "read_mask_file", "train_run",
            "validation_parts"]
