@@ -36,8 +36,8 @@ from torch import nn
 
 import fastweedout as fw
 from fastweedout.cost.bytes import scoring_bytes
-from fastweedout.engines.registry import scoring_flops
 from fastweedout.engines import FoldedBackend, pad_multiple
+from fastweedout.engines.registry import scoring_flops
 from fastweedout.engines.scoring import auto_chunk, member_losses, score_population
 from fastweedout.model.backend import MaskedBackend
 from fastweedout.ops import dispatch as ops

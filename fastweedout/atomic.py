@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened/fsynced
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -31,7 +31,7 @@ def _umask() -> int:
     return old
 
 
-def _default_mode(path: str, directory: bool = False) -> None:
+def default_mode(path: str, directory: bool = False) -> None:
     """mkstemp/mkdtemp create private (0600/0700) files; results are meant to be shared like any file."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
@@ -46,7 +46,7 @@ def _renamed_over(tmp: str, path: str, directory: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def write_all(fd: int, data) -> None:
@@ -66,7 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike, data) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     with _renamed_over(tmp, path, d):
         try:
-            _default_mode(tmp)
+            default_mode(tmp)
             write_all(fd, data)
         finally:
             os.close(fd)
@@ -103,7 +103,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=d)
     os.close(fd)
     with _renamed_over(tmp, path, d):
-        _default_mode(tmp)
+        default_mode(tmp)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -18,7 +18,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from fastweedout import flags
+from fastweedout import atomic, flags
 from fastweedout.config import (
     GRID_ARMS,
     PRUNE_METHODS,
@@ -30,7 +30,7 @@ from fastweedout.config import (
     TrainConfig,
     build_run_config,
 )
-from fastweedout.experiment.runs import RunError
+from fastweedout.experiment.records import RunError
 
 PROG = "fastweedout"
 DEMO_RESULTS = os.path.join("runs", "demo")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         flags.add_fields(p, Runtime, "runtime.", title="where and how (not part of a run's identity)",
                          defaults={f"runtime.{k}": v for k, v in defaults.items()})
 
-    top = ("arm", "sparsity", "mode", "granularity", "seed", "pretrain_steps", "rewind")
+    top = ("arm", "sparsity", "mode", "granularity", "seed", "pretrain_steps", "rewind", "reinit", "shuffle")
     p = sub.add_parser("search", help="choose a mask (Weedout, or a pruning-at-init method) without training",
                        description="Random Search with elitism over masks of a freshly initialised WRN (or a "
                        "pruning-at-initialisation method: --arm l1|snip|grasp|synflow); writes the mask (mask.pt) "
@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "the finished runs of RESULTS_DIR (runs with unreadable records are skipped with a warning).")
     p.add_argument("results_dir", metavar="RESULTS_DIR")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: RESULTS_DIR)")
+
+    p = sub.add_parser("robustness", help="test accuracy of finished runs after removing more of their nodes",
+                       description="For every finished run of RUNS that kept its trained weights "
+                       "(train/checkpoint.pt): remove a further fraction of the live nodes of every node set "
+                       "(random, and smallest BN |gamma|) without fine-tuning and record the test accuracy in the "
+                       "run's robustness.json (resumable: points already there are kept). `report` draws the curves.")
+    p.add_argument("results_dir", metavar="RUNS")
+    p.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", metavar="F,F,...",
+                   help="fractions of the live nodes removed (default: 0.1 to 0.9)")
+    p.add_argument("--methods", default="random,bn_gamma", metavar="M,M", help="random, bn_gamma (default: both)")
+    p.add_argument("--test-images", type=int, default=None, metavar="N", help="the first N test images (default: all)")
+    flags.add_fields(p, Runtime, "runtime.", title="where and how", only=("data_root", "download", "device", "threads"))
 
     p = sub.add_parser("demo", help="Weedout vs random on Fashion-MNIST in a few minutes on a CPU",
                        description="WRN-10-1 on 10,000 Fashion-MNIST images: the dense network, the Weedout winner "
@@ -159,7 +171,7 @@ def cmd_search(args, rt: Runtime) -> int:
     out = execute_run(cfg, rt.results, rt, data=data, checked=True)
     mask = os.path.join(out.path, runs.MASK_NAME)
     if args.out:
-        runs.atomic_copy(mask, args.out)
+        atomic.atomic_copy(mask, args.out)
     s = out.summary
     sel, init = s["selection"], s["init"]
     best = f"winner fitness {s['search']['best_fitness'][-1]:.4f} " if s.get("search") else ""
@@ -303,8 +315,28 @@ def demo_table(outcomes) -> str:
     return "\n".join(lines)
 
 
+def cmd_robustness(args, rt: Runtime) -> int:
+    from fastweedout.experiment.robustness import METHODS, run_robustness
+
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        raise UsageError(f"{PROG}: error: --fractions takes numbers in (0, 1), got {args.fractions!r}") from None
+    methods = args.methods.split(",")
+    bad = [f for f in fractions if not 0 < f < 1] + [m for m in methods if m not in METHODS]
+    if bad or (args.test_images is not None and args.test_images < 1):
+        raise UsageError(f"{PROG}: error: bad --fractions, --methods ({', '.join(METHODS)}) or --test-images: "
+                         f"{bad or args.test_images}")
+    measured, skipped = run_robustness(args.results_dir, rt, fractions=fractions, methods=methods,
+                                       test_images=args.test_images)
+    for path, why in skipped:
+        print(f"skipped {os.path.basename(path)}: {why}")
+    print(f"{len(measured)} runs measured, {len(skipped)} skipped; curves: {PROG} report {args.results_dir}")
+    return 0 if measured or not skipped else 1
+
+
 COMMANDS = {"search": cmd_search, "train": cmd_train, "run": cmd_run, "experiment": cmd_experiment,
-            "report": cmd_report, "demo": cmd_demo}
+            "report": cmd_report, "robustness": cmd_robustness, "demo": cmd_demo}
 
 
 # ------------------------------------------------------------------------------------ main

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastweedout.data.datasets import DATASETS, SyntheticConfig, dataset_key
 from fastweedout.engines.registry import all_engine_names, engine_names
 from fastweedout.engines.scoring import METRICS
+from fastweedout.experiment import structure
 from fastweedout.experiment.runs import config_hash, to_jsonable
 from fastweedout.fields import check, opt
 from fastweedout.masks import MODES
@@ -182,6 +183,10 @@ class RunConfig:
     pretrain_steps: int = opt(0, "dense SGD steps before the mask is chosen (Weedout after limited training)",
                               min=0, metavar="K")
     rewind: bool = opt(False, "train the chosen mask from the initial weights instead of the step-K weights")
+    reinit: bool = opt(False, "structure alone: train the chosen mask from freshly drawn weights (their seed derived "
+                       "from the run's, recorded)", omit_default=True)
+    shuffle: bool = opt(False, "structure control: keep the chosen mask's live count per node set, draw which nodes "
+                        "at random (meaningful for global masks and per-layer schedules)", omit_default=True)
     search: SearchConfig | None = opt(None, "the search (weedout, throughout)", cli=False)
     prune: PruneConfig | None = opt(None, "pruning at initialisation (l1, snip, grasp, synflow)", cli=False)
     throughout: ThroughoutConfig | None = opt(None, "search during training (throughout)", cli=False)
@@ -219,6 +224,7 @@ class RunConfig:
             raise ValueError(f"weight granularity is supported by the weedout and random arms, not {a!r}")
         if a == "throughout" and (self.pretrain_steps or self.rewind):
             raise ValueError("the throughout arm trains from the start: no pretrain_steps or rewind")
+        structure.check(self)
         if self.rewind and not self.pretrain_steps:
             raise ValueError("rewind needs pretrain_steps > 0 (without them the weights are the initial ones)")
         if (a == "given") != (self.mask_sha256 is not None):
@@ -248,6 +254,7 @@ class RunConfig:
             parts.append(self.granularity)
         if self.pretrain_steps:
             parts.append(f"k{self.pretrain_steps}" + ("r" if self.rewind else ""))
+        parts += [p for p, on in (("reinit", self.reinit), ("shuffled", self.shuffle)) if on]
         parts.append(f"seed{self.seed}")
         if self.training is None:
             parts.append("search")
@@ -278,20 +285,24 @@ def make_run_config(arm: str, sparsity: float, *, data: DataConfig | None = None
                     seed: int = 0, mode: str = "layerwise", granularity: str = "node", pretrain_steps: int = 0,
                     rewind: bool = False, search: SearchConfig | None = None, prune: PruneConfig | None = None,
                     throughout: ThroughoutConfig | None = None,
-                    training: TrainConfig | None = TrainConfig()) -> RunConfig:
+                    training: TrainConfig | None = TrainConfig(), reinit: bool = False,
+                    shuffle: bool = False) -> RunConfig:
     """A normalised config, so that equal experiments hash alike: sparsity 0 is the dense network
     whatever the arm; each sub-config is kept only by the arms it applies to (the throughout arm
-    trains from the start: it drops pretrain_steps)."""
+    trains from the start: it drops pretrain_steps and reinit; the dense arm drops reinit and shuffle, the
+    random arm shuffle, so a grid with them keeps its dense and random controls)."""
     if arm not in GRID_ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose one of {list(GRID_ARMS)}")
     base = dict(data=data or DataConfig(), model=model or ModelConfig(), seed=seed, training=training,
-                pretrain_steps=pretrain_steps, rewind=rewind)
+                pretrain_steps=pretrain_steps, rewind=rewind, reinit=reinit, shuffle=shuffle)
     if sparsity == 0 or arm == "dense":
         if sparsity != 0:
             raise ValueError("the dense arm has sparsity 0")
-        return RunConfig(arm="dense", sparsity=0.0, mode=None, **base)
+        return RunConfig(arm="dense", sparsity=0.0, mode=None, **dict(base, reinit=False, shuffle=False))
     if arm == "throughout":
-        base.update(pretrain_steps=0, rewind=False)
+        base.update(pretrain_steps=0, rewind=False, reinit=False)
+    if arm in ("random", "throughout"):  # a shuffled random mask is a random mask: the grid's control
+        base.update(shuffle=False)
     return RunConfig(arm=arm, sparsity=sparsity, mode=mode, granularity=granularity,
                      search=(search or SearchConfig()) if arm in SEARCH_ARMS else None,
                      prune=(prune or PruneConfig()) if arm in PRUNE_METHODS else None,
@@ -300,7 +311,7 @@ def make_run_config(arm: str, sparsity: float, *, data: DataConfig | None = None
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "search": SearchConfig, "prune": PruneConfig,
             "throughout": ThroughoutConfig, "training": TrainConfig}
-_TOP = ("arm", "sparsity", "seed", "mode", "granularity", "pretrain_steps", "rewind")
+_TOP = ("arm", "sparsity", "seed", "mode", "granularity", "pretrain_steps", "rewind", "reinit", "shuffle")
 
 
 def build_run_config(values) -> RunConfig:

@@ -21,12 +21,16 @@ from typing import Any
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
         min: float | None = None, max: float | None = None, min_open: bool = False, max_open: bool = False,
         flag: str | None = None, cli: bool = True, metavar: str | None = None,
-        normalize: Callable[[Any], Any] | None = None, default_factory: Callable[[], Any] | None = None):
+        normalize: Callable[[Any], Any] | None = None, default_factory: Callable[[], Any] | None = None,
+        omit_default: bool = False):
     """A dataclass field with its help, range ``[min, max]`` (``min_open``/``max_open``: open ends),
     ``choices``, command-line ``flag`` (default ``--field-name``; ``cli=False``: none) and an optional
-    ``normalize`` (e.g. canonical names) applied before the checks."""
+    ``normalize`` (e.g. canonical names) applied before the checks. ``omit_default``: a field added
+    after runs were recorded; at its default it is left out of the canonical JSON, so the configs of
+    those runs (which mean the default) keep their hash."""
     meta = dict(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
-                min_open=min_open, max_open=max_open, flag=flag, cli=cli, metavar=metavar, normalize=normalize)
+                min_open=min_open, max_open=max_open, flag=flag, cli=cli, metavar=metavar, normalize=normalize,
+                omit_default=omit_default)
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -155,7 +155,7 @@ def check_mask_names(node_layers: Mapping[str, int], masks: Mapping[str, object]
                          + f" (the model's node sets are {list(node_layers)})")
 
 
-def _round_half_up(x: float) -> int:
+def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
@@ -183,7 +183,7 @@ def layer_sparsities(node_layers: Mapping[str, int], sparsity: Sparsity) -> Orde
     return out
 
 
-def _generator(generator: torch.Generator | int | None) -> torch.Generator:
+def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
     g = torch.Generator()
@@ -205,13 +205,13 @@ def sample_masks(model_or_layers, population: int, sparsity: Sparsity, mode: str
         raise ValueError(f"population must be a positive integer, got {population!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    g = _generator(generator)
+    g = as_generator(generator)
     P = population
     if mode == "layerwise":
         out = OrderedDict()
         for name, s in layer_sparsities(node_layers, sparsity).items():
             c = node_layers[name]
-            off = min(_round_half_up(s * c), c - 1)
+            off = min(round_half_up(s * c), c - 1)
             order = torch.rand(P, c, generator=g).argsort(dim=1)
             m = torch.ones(P, c, dtype=torch.bool)
             m.scatter_(1, order[:, :off], False)
@@ -223,7 +223,7 @@ def sample_masks(model_or_layers, population: int, sparsity: Sparsity, mode: str
     s = layer_sparsities(node_layers, sparsity)[next(iter(node_layers))]
     sizes = list(node_layers.values())
     total = sum(sizes)
-    off = min(_round_half_up(s * total), total - len(sizes))
+    off = min(round_half_up(s * total), total - len(sizes))
     # One guaranteed live node per node set, then `off` nodes switched off uniformly among the rest.
     keys = torch.rand(P, total, generator=g)
     start = 0

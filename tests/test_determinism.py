@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fastweedout.experiment import runs
+from fastweedout.experiment import records, runs
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,12 @@ def test_two_processes_same_seed_bitwise_identical(tmp_path):
     sa, sb = ma["meta"]["search"], mb["meta"]["search"]
     assert sa["fitness"] == sb["fitness"]  # every member's fitness, bit for bit (floats round-trip exactly)
     assert sa["elite_index"] == sb["elite_index"] and sa["best_fitness"] == sb["best_fitness"]
-    ra = runs.strip_timing(runs.read_jsonl(os.path.join(a, runs.RESULTS_NAME)))
-    rb = runs.strip_timing(runs.read_jsonl(os.path.join(b, runs.RESULTS_NAME)))
+    ra = records.strip_timing(records.read_jsonl(os.path.join(a, runs.RESULTS_NAME)))
+    rb = records.strip_timing(records.read_jsonl(os.path.join(b, runs.RESULTS_NAME)))
     assert ra == rb  # training numbers per epoch, init evaluation, final
     assert [r for r in ra if r["type"] == "epoch"] and any(r["type"] == "final" for r in ra)
     ca = torch.load(os.path.join(a, runs.TRAIN_DIR, "checkpoint.pt"), weights_only=True)["model"]
     cb = torch.load(os.path.join(b, runs.TRAIN_DIR, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
     da, db = (json.load(open(os.path.join(p, runs.DONE_NAME))) for p in (a, b))
-    assert runs.strip_timing(da)["final"] == runs.strip_timing(db)["final"]
+    assert records.strip_timing(da)["final"] == records.strip_timing(db)["final"]

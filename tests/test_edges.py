@@ -15,7 +15,7 @@ import fastweedout.experiment.pipeline as P
 import fastweedout.experiment.stages as E
 from fastweedout import Masks, atomic
 from fastweedout.cli import main
-from fastweedout.experiment import runs
+from fastweedout.experiment import records, runs
 from fastweedout.training import checkpoint
 from helpers import CLI_DATA, CLI_SEARCH, run_dirs, snapshot  # noqa: F401
 
@@ -44,7 +44,7 @@ def finished_state(path):
             p = os.path.join(root, f)
             assert not runs._TEMPORARY.match(f) and ".corrupt-" not in f, p
             if f == runs.RESULTS_NAME:
-                runs.read_jsonl(p)
+                records.read_jsonl(p)
             elif f.endswith(".pt") or f.endswith(".ckpt"):
                 torch.load(p, map_location="cpu", weights_only=False)
             elif f in (runs.CONFIG_NAME, runs.DONE_NAME):
@@ -104,9 +104,9 @@ def test_disk_full_in_the_middle_of_a_run_corrupts_nothing(tmp_path, monkeypatch
     assert not os.path.exists(res / d / runs.DONE_NAME)
     assert main(["run", *TINY, "--arm", "weedout", "--results", str(res)]) == 0  # space is back: resume
     capsys.readouterr()
-    got = runs.strip_timing(runs.read_jsonl(res / d / runs.RESULTS_NAME))
-    want = runs.strip_timing(runs.read_jsonl(ref / d / runs.RESULTS_NAME))
-    key = lambda r: json.dumps(runs.record_key(r))  # noqa: E731
+    got = records.strip_timing(records.read_jsonl(res / d / runs.RESULTS_NAME))
+    want = records.strip_timing(records.read_jsonl(ref / d / runs.RESULTS_NAME))
+    key = lambda r: json.dumps(records.record_key(r))  # noqa: E731
     assert sorted(got, key=key) == sorted(want, key=key)
 
 
@@ -265,7 +265,7 @@ def test_nan_loss_in_training_exits_1_and_keeps_the_last_good_checkpoint(tmp_pat
     (d,) = [n for n in os.listdir(res) if not n.startswith(".")]
     ck = torch.load(res / d / runs.TRAIN_DIR / checkpoint.CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and not os.path.exists(res / d / runs.DONE_NAME)
-    recs = runs.read_jsonl(res / d / runs.RESULTS_NAME)
+    recs = records.read_jsonl(res / d / runs.RESULTS_NAME)
     assert any(r["type"] == "error" and "diverged" in r["error"] for r in recs)
     finished_state(res)
 
@@ -276,7 +276,7 @@ def test_chunk_size_is_reported(tmp_path, capsys):
     assert main(["search", *DATA, *SEARCH, "--sparsity", "0.5", "--chunk-size", "3", "--results", str(res)]) == 0
     assert "scored in chunks of 3 members" in capsys.readouterr().out
     (d,) = os.listdir(res)
-    (search,) = [r for r in runs.read_jsonl(res / d / runs.RESULTS_NAME) if r.get("phase") == "search"]
+    (search,) = [r for r in records.read_jsonl(res / d / runs.RESULTS_NAME) if r.get("phase") == "search"]
     assert search["chunk_size"] == 3
     assert json.load(open(res / d / runs.DONE_NAME))["search"]["chunk_size"] == 3
 

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from fastweedout.experiment import runs
+from fastweedout.experiment import records, runs
 
 pytestmark = pytest.mark.slow
 
@@ -140,15 +140,15 @@ def outputs(results) -> dict:
         names = [n for _, _, files in os.walk(p) for n in files]
         assert not [n for n in names if ".corrupt-" in n], (d, names)  # nothing was ever found torn
         assert not [n for n in names if runs._TEMPORARY.match(n)], (d, names)  # no temporaries left behind
-        recs = runs.read_jsonl(os.path.join(p, runs.RESULTS_NAME))  # every line parses: none torn
-        keys = [runs.record_key(r) for r in recs]
+        recs = records.read_jsonl(os.path.join(p, runs.RESULTS_NAME))  # every line parses: none torn
+        keys = [records.record_key(r) for r in recs]
         assert len(keys) == len(set(keys)), d  # none duplicated
         mask = torch.load(os.path.join(p, runs.MASK_NAME), weights_only=True)["masks"]
         done = json.load(open(os.path.join(p, runs.DONE_NAME)))
         ck = torch.load(os.path.join(p, runs.TRAIN_DIR, "checkpoint.pt"), map_location="cpu", weights_only=True)
-        out[d] = dict(records=sorted(runs.strip_timing(recs), key=lambda r: json.dumps(runs.record_key(r))),
+        out[d] = dict(records=sorted(records.strip_timing(recs), key=lambda r: json.dumps(records.record_key(r))),
                       mask={k: v.tolist() for k, v in mask.items()},
-                      done=runs.strip_timing(done),
+                      done=records.strip_timing(done),
                       weights=dict(ck["model"].items()))
     return out
 

@@ -9,7 +9,7 @@ import torch
 import fastweedout.experiment.stages as E
 import fastweedout.search.weedout as S
 from fastweedout.config import DataConfig, ModelConfig, Runtime, SearchConfig, TrainConfig, make_run_config
-from fastweedout.experiment import runs
+from fastweedout.experiment import records, runs
 from fastweedout.experiment.grid import grid_configs, run_grid
 from fastweedout.experiment.pipeline import execute_run
 from fastweedout.training.checkpoint import CHECKPOINT_NAME
@@ -26,10 +26,10 @@ def cfg(arm="weedout", sparsity=0.5, seed=0, epochs=3, **kw):
 
 def outputs(path):
     """What must be identical between runs: every record but its timings, the mask, the final summary."""
-    recs = runs.strip_timing(runs.read_jsonl(os.path.join(path, runs.RESULTS_NAME)))
+    recs = records.strip_timing(records.read_jsonl(os.path.join(path, runs.RESULTS_NAME)))
     mask = torch.load(os.path.join(path, runs.MASK_NAME), weights_only=True)["masks"]
     done = json.load(open(os.path.join(path, runs.DONE_NAME)))
-    return sorted(recs, key=lambda r: json.dumps(runs.record_key(r))), mask, done["final"]
+    return sorted(recs, key=lambda r: json.dumps(records.record_key(r))), mask, done["final"]
 
 
 def same(a, b):
@@ -37,7 +37,7 @@ def same(a, b):
     rb, mb, fb = b
     assert ra == rb
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
-    assert runs.strip_timing(fa) == runs.strip_timing(fb)
+    assert records.strip_timing(fa) == records.strip_timing(fb)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_a_run_writes_its_files_and_is_skipped_when_done(reference):
     files = set(os.listdir(out.path))
     assert {"config.json", "results.jsonl", "mask.pt", "search.ckpt", "train", "done"} <= files
     assert ".lock" not in files and not [f for f in files if ".tmp" in f]  # nothing but results left
-    recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
-    kinds = [runs.record_key(r) for r in recs]
+    recs = records.read_jsonl(os.path.join(out.path, "results.jsonl"))
+    kinds = [records.record_key(r) for r in recs]
     assert len(kinds) == len(set(kinds))  # no duplicated record
     assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2, 3]
     assert {r["phase"] for r in recs if r["type"] == "phase"} == {"search", "training", "evaluation"}
@@ -95,7 +95,8 @@ def test_interrupted_training_resumes_to_the_same_result(reference, tmp_path, mo
     killed_after_epoch_2(tmp_path, monkeypatch)
     path = os.path.join(tmp_path, os.path.basename(reference.path))
     assert not os.path.exists(os.path.join(path, "done"))
-    assert [r["epoch"] for r in runs.read_jsonl(os.path.join(path, "results.jsonl")) if r["type"] == "epoch"] == [1, 2]
+    recs = records.read_jsonl(os.path.join(path, "results.jsonl"))
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2]
     calls = []
     monkeypatch.setattr(S, "score", lambda *a, **k: calls.append(1))  # the search must not run again
     out = execute_run(cfg(), tmp_path, RT)
@@ -169,7 +170,8 @@ def test_random_and_dense_arms(tmp_path):
     assert d.summary["live_params"] > r.summary["live_params"]
     assert r.summary["search"] is None and 0.45 < r.summary["mask_sparsity"] < 0.55
     for o in (r, d):
-        search = next(x for x in runs.read_jsonl(os.path.join(o.path, "results.jsonl")) if x.get("phase") == "search")
+        recs = records.read_jsonl(os.path.join(o.path, "results.jsonl"))
+        search = next(x for x in recs if x.get("phase") == "search")
         assert search["flops"] == 0 and search["wall_s"] == 0
 
 
@@ -227,7 +229,7 @@ def test_pretrain_steps_and_rewind(tmp_path):
     k = execute_run(cfg("random", epochs=1, pretrain_steps=3), tmp_path, RT)
     r = execute_run(cfg("random", epochs=1, pretrain_steps=3, rewind=True), tmp_path, RT)
     plain = execute_run(cfg("random", epochs=1), tmp_path, RT)
-    recs = runs.read_jsonl(os.path.join(k.path, "results.jsonl"))
+    recs = records.read_jsonl(os.path.join(k.path, "results.jsonl"))
     pre = next(x for x in recs if x.get("phase") == "pretrain")
     assert pre["steps"] == 3 and pre["flops"] > 0 and os.path.exists(os.path.join(k.path, "parent.pt"))
     # the same mask (same seed), but chosen on and trained from other weights
@@ -249,7 +251,7 @@ def test_throughout_arm(tmp_path):
                         throughout=ThroughoutConfig(interval=2, mask_every=1, finetune_epochs=1),
                         training=TrainConfig(epochs=2, batch_size=64))
     out = execute_run(c, tmp_path, RT)
-    recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+    recs = records.read_jsonl(os.path.join(out.path, "results.jsonl"))
     pops = [x for x in recs if x["type"] == "population"]
     assert [p["step"] for p in pops] == [2, 4, 6, 8]  # before steps 2, 4, 6 of 2 x 4, and once at the end
     assert any(x["type"] == "finetune_epoch" for x in recs) and out.summary["final"]["epoch"] == 1
@@ -258,7 +260,7 @@ def test_throughout_arm(tmp_path):
     mask = torch.load(os.path.join(out.path, "mask.pt"), weights_only=True)["masks"]
     assert 0.45 < sum(int((~m).sum()) for m in mask.values()) / sum(m.numel() for m in mask.values()) < 0.55
     again = execute_run(c, os.path.join(tmp_path, "again"), RT)  # deterministic
-    assert runs.strip_timing(again.summary["final"]) == runs.strip_timing(out.summary["final"])
+    assert records.strip_timing(again.summary["final"]) == records.strip_timing(out.summary["final"])
 
 
 def test_bn_recalibration_of_the_pruned_winner():
@@ -296,7 +298,7 @@ def test_throughout_without_finetuning_recalibrates(tmp_path):
                         throughout=ThroughoutConfig(interval=2, finetune_epochs=0),
                         training=TrainConfig(epochs=1, batch_size=64))
     out = execute_run(c, tmp_path, RT)
-    final = [x for x in runs.read_jsonl(os.path.join(out.path, "results.jsonl")) if x["type"] == "final"][-1]
+    final = [x for x in records.read_jsonl(os.path.join(out.path, "results.jsonl")) if x["type"] == "final"][-1]
     assert final["phase"] == "pruned" and final["bn_recalibration_images"] == 256  # 320 images, batches of 64
 
 
@@ -304,7 +306,7 @@ def test_throughout_without_finetuning_recalibrates(tmp_path):
 def test_pruning_at_initialisation_arms(arm, tmp_path):
     out = execute_run(cfg(arm, epochs=1), tmp_path, RT)
     random = execute_run(cfg("random", epochs=1), tmp_path, RT)
-    recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+    recs = records.read_jsonl(os.path.join(out.path, "results.jsonl"))
     sel = next(x for x in recs if x.get("phase") == "search")
     assert sel["method"] == arm and (sel["flops"] > 0) == (arm != "l1")
     mask = torch.load(os.path.join(out.path, "mask.pt"), weights_only=True)["masks"]
@@ -318,7 +320,7 @@ def test_weight_granularity_run(tmp_path):
     w = execute_run(cfg("weedout", epochs=1, granularity="weight"), tmp_path, RT)
     r = execute_run(cfg("random", epochs=1, granularity="weight"), tmp_path, RT)
     for out in (w, r):
-        recs = runs.read_jsonl(os.path.join(out.path, "results.jsonl"))
+        recs = records.read_jsonl(os.path.join(out.path, "results.jsonl"))
         info = next(x for x in recs if x["type"] == "mask")
         assert info["granularity"] == "weight" and 0.45 < info["sparsity"] < 0.55
         final = next(x for x in recs if x["type"] == "final")

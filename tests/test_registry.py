@@ -11,6 +11,7 @@ from fastweedout.config import ENGINES, WEIGHT_ENGINES, SearchConfig, TrainConfi
 from fastweedout.cost.flops import count_forward, padded_live
 from fastweedout.engines import registry
 from fastweedout.engines.scoring import score
+from fastweedout.experiment import records
 from fastweedout.model.masked import weight_sets
 from fastweedout.ops import dispatch as ops
 from fastweedout.spaces.registry import SPACES, get_space
@@ -85,7 +86,6 @@ def test_search_counts_the_padding_the_engine_ran():
 def test_during_training_counts_the_engine_auto_chose(tmp_path):
     """The throughout arm assumed ``auto`` means compact; below auto's sparsity threshold it folds."""
     from fastweedout.config import DataConfig, ModelConfig, Runtime, ThroughoutConfig, make_run_config
-    from fastweedout.experiment import runs
     from fastweedout.experiment.pipeline import execute_run
 
     data = DataConfig("synthetic", val_size=64, synthetic=dict(train_size=128, test_size=32, image_size=8))
@@ -94,7 +94,7 @@ def test_during_training_counts_the_engine_auto_chose(tmp_path):
                         throughout=ThroughoutConfig(interval=2, mask_every=1, finetune_epochs=0),
                         training=TrainConfig(epochs=1, batch_size=64))
     out = execute_run(c, tmp_path, Runtime(device="cpu", progress=False))
-    recs = runs.read_jsonl(f"{out.path}/results.jsonl")
+    recs = records.read_jsonl(f"{out.path}/results.jsonl")
     search = next(x for x in recs if x.get("phase") == "search")
     model = fw.WideResNet(10, 1, num_classes=10, in_channels=1)  # the synthetic set's
     masks = fw.sample_masks(model, 2, 0.05, generator=0)

@@ -10,7 +10,8 @@ from scipy import special
 from fastweedout.analysis import plots, report, stats
 from fastweedout.config import DataConfig, ModelConfig, SearchConfig, TrainConfig, make_run_config
 from fastweedout.experiment import runs
-from fastweedout.experiment.runs import RunDir, RunError
+from fastweedout.experiment.records import RunError
+from fastweedout.experiment.runs import RunDir
 
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles from a table
 

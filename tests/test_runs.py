@@ -9,8 +9,9 @@ import tempfile
 import pytest
 
 from fastweedout.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, make_run_config
-from fastweedout.experiment import runs
-from fastweedout.experiment.runs import RunDir, RunError
+from fastweedout.experiment import records, runs
+from fastweedout.experiment.records import RunError
+from fastweedout.experiment.runs import RunDir
 
 
 def base_config(**kw) -> RunConfig:
@@ -164,13 +165,13 @@ def test_results_dir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
 
 def test_jsonl_upsert_never_duplicates_and_is_atomic(tmp_path, monkeypatch):
     p = tmp_path / "results.jsonl"
-    runs.upsert_jsonl(p, [dict(type="epoch", epoch=1, acc=0.1), dict(type="phase", phase="search", wall_s=1.0)])
-    runs.upsert_jsonl(p, [dict(type="epoch", epoch=2, acc=0.2), dict(type="epoch", epoch=1, acc=0.15)])
-    recs = runs.read_jsonl(p)
+    records.upsert_jsonl(p, [dict(type="epoch", epoch=1, acc=0.1), dict(type="phase", phase="search", wall_s=1.0)])
+    records.upsert_jsonl(p, [dict(type="epoch", epoch=2, acc=0.2), dict(type="epoch", epoch=1, acc=0.15)])
+    recs = records.read_jsonl(p)
     assert [(r["type"], r.get("epoch")) for r in recs] == [("phase", None), ("epoch", 1), ("epoch", 2)]
     assert recs[1]["acc"] == 0.15  # replaced, not appended
-    runs.upsert_jsonl(p, [dict(type="final", loss=float("nan"))])
-    assert runs.read_jsonl(p)[-1]["loss"] is None  # JSON has no NaN
+    records.upsert_jsonl(p, [dict(type="final", loss=float("nan"))])
+    assert records.read_jsonl(p)[-1]["loss"] is None  # JSON has no NaN
     before = p.read_bytes()
 
     def boom(*a):
@@ -178,7 +179,7 @@ def test_jsonl_upsert_never_duplicates_and_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        runs.upsert_jsonl(p, [dict(type="epoch", epoch=3)])
+        records.upsert_jsonl(p, [dict(type="epoch", epoch=3)])
     assert p.read_bytes() == before  # the old file is intact
     assert sorted(os.listdir(tmp_path)) == ["results.jsonl"]  # and no temporary file is left
 
@@ -187,7 +188,7 @@ def test_corrupt_jsonl_is_reported_with_its_line(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"type": "epoch", "epoch": 1}\n{"type": "ep')
     with pytest.raises(RunError, match="line 2"):
-        runs.read_jsonl(p)
+        records.read_jsonl(p)
 
 
 def test_lock_keeps_a_second_process_out(tmp_path):
@@ -206,7 +207,7 @@ def test_done_marker_and_strip_timing(tmp_path):
     assert not rd.is_done() and rd.done_summary() is None
     rd.mark_done(dict(final=dict(test_acc=0.5, wall_time_s=3.0)))
     assert rd.is_done() and rd.done_summary()["final"]["test_acc"] == 0.5
-    assert runs.strip_timing([dict(a=1, wall_s=2.0, b=dict(train_time_s=1, c=2))]) == [dict(a=1, b=dict(c=2))]
+    assert records.strip_timing([dict(a=1, wall_s=2.0, b=dict(train_time_s=1, c=2))]) == [dict(a=1, b=dict(c=2))]
 
 
 def test_temporaries_left_by_a_kill_are_removed(tmp_path):
@@ -227,11 +228,11 @@ def test_records_stay_in_order_whatever_order_they_are_written_in(tmp_path):
     """A kill between an epoch's checkpoint and its record, then a resume that writes the later epochs
     and the totals first, must still leave the file ordered (phase, mask, epochs, totals, final)."""
     p = tmp_path / "results.jsonl"
-    runs.upsert_jsonl(p, [dict(type="epoch", epoch=3), dict(type="final", phase="training"),
+    records.upsert_jsonl(p, [dict(type="epoch", epoch=3), dict(type="final", phase="training"),
                           dict(type="phase", phase="evaluation"), dict(type="phase", phase="training")])
-    runs.upsert_jsonl(p, [dict(type="epoch", epoch=1), dict(type="mask"), dict(type="phase", phase="search"),
+    records.upsert_jsonl(p, [dict(type="epoch", epoch=1), dict(type="mask"), dict(type="phase", phase="search"),
                           dict(type="epoch", epoch=2), dict(type="phase", phase="pretrain")])
-    got = [(r["type"], r.get("phase"), r.get("epoch")) for r in runs.read_jsonl(p)]
+    got = [(r["type"], r.get("phase"), r.get("epoch")) for r in records.read_jsonl(p)]
     assert got == [("phase", "pretrain", None), ("phase", "search", None), ("mask", None, None), ("epoch", None, 1),
                    ("epoch", None, 2), ("epoch", None, 3), ("phase", "training", None), ("phase", "evaluation", None),
                    ("final", "training", None)]

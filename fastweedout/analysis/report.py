@@ -13,14 +13,15 @@ comparisons of a metric in the report.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from fastweedout import atomic
+from fastweedout.analysis.convergence import CONVERGENCE_METRICS, convergence, convergence_tables
+from fastweedout.analysis.formatting import _comparison_table, _describe, _num, _p, _pct, to_csv
 from fastweedout.analysis.plots import (
     label,
     plot_axes,
@@ -29,12 +30,16 @@ from fastweedout.analysis.plots import (
     plot_figure2,
     plot_search,
 )
+from fastweedout.analysis.robustness_report import plot_robustness, robustness_table
 from fastweedout.analysis.stats import CONFIDENCE, holm, mean_ci, paired
 from fastweedout.experiment import runs
-from fastweedout.experiment.runs import RunError
+from fastweedout.experiment.records import RunError, read_jsonl
+from fastweedout.experiment.robustness import read_robustness
 
 PHASES = ("pretrain", "search", "training", "evaluation")
 METRICS = ("train_acc", "test_acc", "init_val_acc", "init_val_loss")
+CONV_METRICS = tuple(CONVERGENCE_METRICS)  # fastweedout.analysis.convergence: per-epoch test accuracy
+TESTED = METRICS + CONV_METRICS  # every metric paired against the control, each its own Holm family
 PAPER_DROP = 15.0  # points of test accuracy lost dense -> eta 0.8 on CIFAR-10 (Farahani 2024)
 
 
@@ -54,6 +59,9 @@ class Run:
     epochs: list[dict]
     elite_wins: float | None  # fraction of generations >= 2 won by the carried-over elite
     search: dict | None  # the search phase record (fitness per generation)
+    training_phase: dict = field(default_factory=dict)  # the training phase record (images, FLOPs)
+    convergence: dict = field(default_factory=dict)  # fastweedout.analysis.convergence, set by collect
+    robustness: dict | None = None  # robustness.json (fastweedout robustness), when measured
 
 
 @dataclass
@@ -74,7 +82,16 @@ def _k(cfg: dict) -> str:
     return f"/k{k}{'r' if cfg.get('rewind') else ''}" if k else ""
 
 
+def _structure(cfg: dict) -> str:
+    """Structure-alone runs (fastweedout.experiment.structure): fresh weights, shuffled nodes."""
+    return ("/reinit" if cfg.get("reinit") else "") + ("/shuffled" if cfg.get("shuffle") else "")
+
+
 def series_key(cfg: dict) -> str:
+    return _series_key(cfg) + _structure(cfg)
+
+
+def _series_key(cfg: dict) -> str:
     a, mode, gran = cfg["arm"], cfg.get("mode"), cfg.get("granularity", "node")
     if a == "dense":
         return "dense" + _k(cfg)
@@ -95,7 +112,8 @@ def control_key(cfg: dict) -> str | None:
     if cfg["arm"] in ("dense", "random", "given"):
         return None
     c = dict(cfg, pretrain_steps=0, rewind=False) if cfg["arm"] == "throughout" else cfg
-    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(c)}"
+    reinit = "/reinit" if cfg.get("reinit") else ""  # a shuffled mask's control is the plain random mask
+    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(c)}{reinit}"
 
 
 def _elite_wins(search: dict | None) -> float | None:
@@ -113,7 +131,7 @@ def collect(results: str | os.PathLike) -> Collection:
     col = Collection()
     for path, cfg in runs.iter_run_dirs(results):
         try:
-            records = runs.read_jsonl(os.path.join(path, runs.RESULTS_NAME))
+            records = read_jsonl(os.path.join(path, runs.RESULTS_NAME))
         except RunError as e:
             col.unreadable.append(path)
             warnings.warn(f"skipping {path}: {e} (run the same command again to rebuild it)", RuntimeWarning,
@@ -142,11 +160,24 @@ def collect(results: str | os.PathLike) -> Collection:
             phases={p: dict(wall_s=float(phases.get(p, {}).get("wall_s") or 0.0),
                             flops=float(phases.get(p, {}).get("flops") or 0.0)) for p in PHASES},
             epochs=sorted(by_type["epoch"], key=lambda r: r["epoch"]),
-            elite_wins=_elite_wins(phases.get("search")), search=phases.get("search")))
+            elite_wins=_elite_wins(phases.get("search")), search=phases.get("search"),
+            training_phase=phases.get("training", {}), robustness=read_robustness(path)))
+    add_convergence(col.runs)
     return col
 
 
+def add_convergence(all_runs: list[Run]) -> None:
+    """Each run's convergence metrics; the dense parent is the dense run (no pretraining) of the same
+    experiment and seed."""
+    dense = {(r.experiment, r.seed): r.final.get("test_acc") for r in all_runs if r.series == "dense"}
+    for r in all_runs:
+        r.convergence = convergence(r.epochs, r.training_phase, r.config["training"]["batch_size"],
+                                    r.final.get("test_acc"), dense.get((r.experiment, r.seed)))
+
+
 def _metric(run: Run, name: str):
+    if name in CONVERGENCE_METRICS:
+        return run.convergence.get(name)
     return run.init.get(name) if name.startswith("init_") else run.final.get(name)
 
 
@@ -196,61 +227,39 @@ def node_peer_key(cfg: dict) -> str | None:
     return series_key(dict(cfg, granularity="node")) if cfg.get("granularity") == "weight" else None
 
 
+def source_key(cfg: dict) -> str | None:
+    """A structure-alone series' source: the same arm with its own weights and nodes."""
+    return series_key(dict(cfg, reinit=False, shuffle=False)) if _structure(cfg) else None
+
+
 def comparisons(conds: list[Condition]) -> list[dict]:
     """Paired t-tests at each sparsity, on every metric: every non-random series against its random
     control (``against="random"``) and every weight-level series against the node-level series of
-    the same arm (``against="node"``); Holm-adjusted p-values per metric over all rows."""
+    the same arm (``against="node"``) and every structure-alone series (reinit, shuffled) against the same arm
+    with its own weights and nodes (``against="source"``); Holm-adjusted p-values per metric over all rows."""
     index = {(c.experiment, c.series, c.sparsity): c for c in conds}
     rows = []
     for c in conds:
-        for against, key in (("random", c.runs[0].control), ("node", node_peer_key(c.runs[0].config))):
+        cfg = c.runs[0].config
+        for against, key in (("random", c.runs[0].control), ("node", node_peer_key(cfg)),
+                             ("source", source_key(cfg))):
             ctrl = index.get((c.experiment, key, c.sparsity)) if key else None
             if ctrl is None:
                 continue
             row = dict(experiment=c.experiment, sparsity=c.sparsity, series=c.series, arm=c.arm, control=ctrl.series,
                        against=against)
-            for m in METRICS:
+            for m in TESTED:
                 t = paired(c.by_seed(m), ctrl.by_seed(m))
                 row.update({f"n_{m}": t["n"], f"diff_{m}": t["diff"], f"ci_{m}": t["diff_ci"], f"t_{m}": t["t"],
                             f"p_{m}": t["p"]})
             rows.append(row)
-    for m in METRICS:
+    for m in TESTED:
         for row, p in zip(rows, holm([r[f"p_{m}"] for r in rows])):
             row[f"p_holm_{m}"] = p
     return rows
 
 
 # ------------------------------------------------------------------------------------ formatting
-def _pct(mean: float, ci: float | None = None) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    s = f"{100 * mean:.2f}"
-    if ci is not None:
-        s += f" ± {100 * ci:.2f}" if math.isfinite(ci) else " ± n/a"
-    return s
-
-
-def _num(x: float, fmt: str = ".3g") -> str:
-    return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
-
-
-def _p(p: float) -> str:
-    if p is None or not math.isfinite(p):
-        return "n/a"
-    return "<0.001" if p < 1e-3 else f"{p:.3f}"
-
-
-def _describe(run: Run) -> list[str]:
-    c = run.config
-    d, m, t = c["data"], c["model"], c["training"]
-    subset = f", first {d['train_subset']} training images" if d.get("train_subset") else ""
-    return [f"- dataset **{d['name']}** (validation split {d['val_size'] if d['val_size'] is not None else 'default'}, "
-            f"split seed {d['split_seed']}{subset}); model **{m['name']}** (dropout {m['dropout']:g})",
-            f"- training: {t['epochs']} epochs, batch {t['batch_size']}, SGD lr {t['lr']:g} (momentum "
-            f"{t['momentum']:g}, Nesterov {t['nesterov']}), weight decay {t['weight_decay']:g}, {t['schedule']} "
-            f"schedule, label smoothing {t['label_smoothing']:g}, {'masked' if t['masked'] else 'pruned'} network"]
-
-
 def summary_rows(conds: list[Condition], comps: list[dict]) -> list[dict]:
     by = {(c["experiment"], c["series"], c["sparsity"], c["against"]): c for c in comps}
     rows = []
@@ -273,6 +282,11 @@ def summary_rows(conds: list[Condition], comps: list[dict]) -> list[dict]:
         for m in METRICS:
             for k in ("diff", "ci", "p", "p_holm"):
                 row[f"paired_{k}_{m}"] = comp[f"{k}_{m}"] if comp else math.nan
+        for m in CONV_METRICS:
+            row[f"{m}_mean"], row[f"{m}_ci95"] = c.stat(m)
+            row[f"{m}_reached"] = sum(1 for v in c.values(m) if v is not None)
+            for k in ("diff", "p", "p_holm"):
+                row[f"paired_{k}_{m}"] = comp[f"{k}_{m}"] if comp else math.nan
         node = by.get((c.experiment, c.series, c.sparsity, "node"))  # weight-level: minus node-level
         row["node_peer"] = node["control"] if node else ""
         for m in ("init_val_loss", "test_acc"):
@@ -280,18 +294,6 @@ def summary_rows(conds: list[Condition], comps: list[dict]) -> list[dict]:
                 row[f"vs_node_{k}_{m}"] = node[f"{k}_{m}"] if node else math.nan
         rows.append(row)
     return rows
-
-
-def to_csv(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
-                        (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
-    return buf.getvalue()
 
 
 def _headline(conds: list[Condition], comps: list[dict], exp: str, name: dict[str, str]) -> list[str]:
@@ -317,20 +319,6 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str, name: dict[st
     return lines
 
 
-def _comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[str]:
-    out = [f"Δ = {what} (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
-           "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['sparsity']:g} | {name[r['series']]} | {r['n_test_acc']} | "
-                   f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
-                   f"{_p(r['p_init_val_loss'])} | "
-                   f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
-                   f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
-                   f"{_p(r['p_holm_test_acc'])} |")
-    return out
-
-
 def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], primary: str | None,
                 figures: list[str]) -> str:
     out = ["# Sparse masks before training and after: results", ""]
@@ -351,7 +339,8 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
     for exp in experiments:
         mine = [c for c in conds if c.experiment == exp]
         name = {c.series: label(c.series, {x.series for x in mine}) for c in mine}  # full keys: summary.csv
-        out += [f"## Experiment {exp}" + (" (plotted)" if exp == primary else ""), ""] + _describe(mine[0].runs[0])
+        out += [f"## Experiment {exp}" + (" (plotted)" if exp == primary else ""), ""]
+        out += _describe(mine[0].runs[0].config)
         out += ["", "### Headline", ""] + (_headline(conds, comps, exp, name) or ["- (needs dense and sparse runs)"])
         out += ["", "### Accuracy", "", "| η | series | n | train acc | test acc | val loss@init | val acc@init |",
                 "|---:|---|---:|---:|---:|---:|---:|"]
@@ -361,10 +350,15 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
                        f"{_pct(*c.stat('test_acc'))} | {_num(lm, '.4f')} ± {_num(lci, '.4f')} | "
                        f"{_pct(*c.stat('init_val_acc'))} |")
         for against, title, what in (("random", "Against the random control", "method − random"),
-                                     ("node", "Weight-level against node-level masks", "weight − node")):
+                                     ("node", "Weight-level against node-level masks", "weight − node"),
+                                     ("source", "Structure alone against the same arm's own weights and nodes",
+                                      "reinit/shuffled − original")):
             rows = [r for r in comps if r["experiment"] == exp and r["against"] == against]
             if rows:
                 out += ["", f"### {title} (paired by seed)", ""] + _comparison_table(rows, what, name)
+        out += [""] + convergence_tables(mine, [r for r in comps if r["experiment"] == exp and
+                                                 r["against"] == "random"], name)
+        out += robustness_table(mine, name)
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
@@ -430,13 +424,14 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
                        ("curves.png", lambda p: plot_curves(conds, primary, p)),
                        ("search.png", lambda p: plot_search(conds, primary, p)),
                        ("differences.png", lambda p: plot_differences(comps, primary, p)),
-                       ("axes.png", lambda p: plot_axes(conds, comps, p))):
+                       ("axes.png", lambda p: plot_axes(conds, comps, p)),
+                       ("robustness.png", lambda p: plot_robustness(conds, primary, p))):
         path = os.path.join(out, name)
         if draw(path):
             paths[name] = path
             figures.append(name)
-    runs.atomic_write_text(paths["summary.csv"], to_csv(summary_rows(conds, comps)))
-    runs.atomic_write_text(paths["report.md"], to_markdown(col, conds, comps, primary, figures))
+    atomic.atomic_write_text(paths["summary.csv"], to_csv(summary_rows(conds, comps)))
+    atomic.atomic_write_text(paths["report.md"], to_markdown(col, conds, comps, primary, figures))
     return Report(paths, col, conds, comps, primary)
 
 

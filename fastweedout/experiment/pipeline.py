@@ -9,11 +9,13 @@ import copy
 import os
 import time
 
+from fastweedout import atomic
 from fastweedout.config import RunConfig, Runtime
 from fastweedout.data.datasets import Dataset
-from fastweedout.experiment import runs
+from fastweedout.experiment import records, runs, structure
 from fastweedout.experiment.during_training import run_throughout
-from fastweedout.experiment.runs import RunDir, RunError
+from fastweedout.experiment.records import RunError
+from fastweedout.experiment.runs import RunDir
 from fastweedout.experiment.runtime import ResolvedRuntime, environment, resolve_runtime
 from fastweedout.experiment.stages import (
     RunOutcome,
@@ -21,6 +23,7 @@ from fastweedout.experiment.stages import (
     check_against_data,
     check_resources,
     choose_mask,
+    derive_seed,
     load_data,
     mask_record,
     pretrain,
@@ -93,12 +96,16 @@ def execute_run(cfg: RunConfig, results: str | os.PathLike, runtime: Runtime | R
                        selection={k: v for k, v in meta["selection"].items() if k != "fitness"},
                        init=meta["init"], mask_sparsity=mask.sparsity())
         if cfg.training is None:  # the mask alone: its full summary beside it
-            runs.atomic_write_json(rd.file("summary.json"), runs.clean_json(dict(meta.get("search") or {},
+            atomic.atomic_write_json(rd.file("summary.json"), records.clean_json(dict(meta.get("search") or {},
                                                                                  init=meta["init"])))
             summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             rd.mark_done(summary)
             return RunOutcome(rd.path, cfg, summary, skipped=False)
         start = initial if (cfg.rewind or not cfg.pretrain_steps) else model
+        start, fresh = structure.fresh_weights(cfg, start, derive_seed(cfg.seed, structure.REINIT_PURPOSE))
+        if fresh:
+            summary.update(fresh)
+            rd.upsert(dict(type="structure", **fresh))
         result = train_run(rd, cfg, start, None if cfg.arm == "dense" else mask, data, runtime)
         summary.update(final=result.final.to_dict(), phases={k: v.to_dict() for k, v in result.phases.items()},
                        params=result.params, live_params=result.live_params,

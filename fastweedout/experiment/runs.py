@@ -32,21 +32,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastweedout.atomic import (
-    _default_mode,
-    _fsync_dir,
-    atomic_copy,
-    atomic_output,
-    atomic_torch_save,
-    atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
+    default_mode,
+    fsync_dir,
 )
 from fastweedout.experiment.records import (
     RunError,
     clean_json,
     read_jsonl,
-    record_key,
-    strip_timing,
     upsert_jsonl,
 )  # noqa: F401
 
@@ -65,10 +58,12 @@ _RUN_DIR = re.compile(rf"^(?P<name>.+)-(?P<hash>[0-9a-f]{{{HASH_CHARS}}})$")
 
 # ------------------------------------------------------------------------------------ hashing
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses -> dicts (every field, defaults included), tuples -> lists; rejects NaN/inf and
+    """Dataclasses -> dicts (every field, defaults included, but for ``omit_default`` fields at their
+    default: ``fastweedout.fields.opt``), tuples -> lists; rejects NaN/inf and
     anything JSON cannot represent, so the canonical form is well defined."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
@@ -230,7 +225,7 @@ class RunDir:
         os.makedirs(results, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=results)
         try:
-            _default_mode(tmp, directory=True)
+            default_mode(tmp, directory=True)
             atomic_write_json(os.path.join(tmp, CONFIG_NAME), cfg)
             try:
                 os.rename(tmp, path)
@@ -241,7 +236,7 @@ class RunDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(results)
+        fsync_dir(results)
         return cls(path, cfg)
 
     # paths
@@ -369,8 +364,5 @@ def iter_run_dirs(results: str | os.PathLike) -> Iterator[tuple[str, dict]]:
             yield d, verify_run_dir(d)
 
 
-__all__ = ["RunDir", "RunError", "atomic_copy", "atomic_output", "atomic_torch_save", "atomic_write_bytes",
-           "atomic_write_json",
-           "atomic_write_text", "canonical_json", "check_results_dir", "config_hash", "iter_run_dirs",
-           "read_jsonl", "record_key", "run_dir_name", "strip_timing", "to_jsonable", "upsert_jsonl",
-           "verify_run_dir", "HASH_CHARS"]
+__all__ = ["HASH_CHARS", "RunDir", "canonical_json", "check_results_dir", "config_hash", "iter_run_dirs",
+           "run_dir_name", "to_jsonable", "verify_run_dir"]

@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fastweedout import atomic
 from fastweedout.config import PRUNE_METHODS, DataConfig, RunConfig, Runtime
 from fastweedout.data.datasets import Dataset, load_dataset
 from fastweedout.data.loader import DeviceLoader
 from fastweedout.engines.scoring import logits as population_logits
-from fastweedout.experiment import runs
+from fastweedout.experiment import runs, structure
 from fastweedout.experiment.runs import RunDir
 from fastweedout.experiment.runtime import ResolvedRuntime, available_bytes, resolve_runtime
 from fastweedout.masks import Masks, sample_masks
@@ -175,7 +176,7 @@ def pretrain(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, runti
     parent.train()
     phase = dict(type="phase", phase="pretrain", steps=res.steps, wall_s=res.phases["training"].wall_s,
                  flops=res.phases["training"].flops, flops_executed=res.phases["training"].flops)
-    runs.atomic_torch_save(dict(config_hash=runs.config_hash(cfg), model=parent.state_dict(), phase=phase), path)
+    atomic.atomic_torch_save(dict(config_hash=runs.config_hash(cfg), model=parent.state_dict(), phase=phase), path)
     return parent, phase
 
 
@@ -226,6 +227,8 @@ def choose_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, ru
         if given is None or mask_digest(given) != cfg.mask_sha256:
             raise ValueError("the 'given' arm needs the mask whose digest is in its config")
         mask = given
+    mask, shuffled = structure.apply_shuffle(cfg, mask, derive_seed(cfg.seed, structure.SHUFFLE_PURPOSE))
+    selection.update(shuffled)
     bn = cfg.search.bn if cfg.search is not None else "batch"
     meta = dict(config_hash=runs.config_hash(cfg), arm=cfg.arm, seed=cfg.seed, model=cfg.model.name,
                 granularity=cfg.granularity, dataset=cfg.data.name, node_layers=dict(layers),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ gather_conv_weight = ref.gather_conv_weight
 scale_shift = ref.scale_shift
 
 _override: bool | None = None
-_kernels_mod = None      # (common, bn_act, grouped_conv, conv_block), or the import error
+_kernels_mod = None  # the kernel modules by name, or the import error
 _ON = ("1", "on", "true", "yes")
 _OFF = ("0", "off", "false", "no")
 
@@ -76,9 +77,9 @@ def _kernels():
     global _kernels_mod
     if _kernels_mod is None:
         try:
-            from fastweedout.ops.triton import _common, bn_act, grouped_conv
-            from fastweedout.ops.triton import fused_conv as conv_block
-            _kernels_mod = (_common, bn_act, grouped_conv, conv_block)
+            from fastweedout.ops.triton import _common, bn_act, fused_conv, grouped_conv
+            _kernels_mod = SimpleNamespace(common=_common, bn_act=bn_act, grouped_conv=grouped_conv,
+                                           fused_conv=fused_conv)
         except Exception as e:  # no Triton, or a Triton that cannot load here
             _kernels_mod = e
     return _kernels_mod
@@ -97,7 +98,7 @@ def kernels_active(x: Tensor) -> bool:
                 f"fastweedout: the Triton kernels cannot be imported ({k!r}) on a machine with CUDA. Install a "
                 "Triton that matches this PyTorch, or set FASTWEEDOUT_KERNELS=0 to use the PyTorch reference.") from k
         return False
-    return bool(k[0].supports(x))
+    return bool(k.common.supports(x))
 
 
 def _float_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
@@ -107,10 +108,10 @@ def _float_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
 def population_bn_act(x: Tensor, members: int, weight: Tensor, bias: Tensor, mask: Tensor | None,
                       running_mean: Tensor | None = None, running_var: Tensor | None = None,
                       eps: float = 1e-5) -> Tensor:
-    """``mask * relu(bn(x))`` for P members folded into the batch (see ``functional.population_bn_act``)."""
+    """``mask * relu(bn(x))`` for P members folded into the batch (see ``reference.population_bn_act``)."""
     if kernels_active(x) and x.dim() == 4 and members >= 1 and x.shape[0] % members == 0:
         mask = _float_mask(mask, x)
-        return _kernels()[1].population_bn_act(x, members, weight, bias, mask, running_mean, running_var, eps)
+        return _kernels().bn_act.population_bn_act(x, members, weight, bias, mask, running_mean, running_var, eps)
     return ref.population_bn_act(x, members, weight, bias, mask, running_mean, running_var, eps)
 
 
@@ -136,10 +137,10 @@ def _conv_kernels(x: Tensor, weight: Tensor):
 
 
 def grouped_conv(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
-    """Each member's own convolution over its own channels (see ``functional.grouped_conv``)."""
+    """Each member's own convolution over its own channels (see ``reference.grouped_conv``)."""
     k = _conv_kernels(x, weight)
     if k is not None:
-        return _kernels()[2].grouped_conv(*k, stride, padding)
+        return _kernels().grouped_conv.grouped_conv(*k, stride, padding)
     return ref.grouped_conv(x, weight, stride, padding)
 
 
@@ -148,11 +149,11 @@ def grouped_conv_bn_act(x: Tensor, weight: Tensor, stride: int, padding: int, bn
                         eps: float = 1e-5) -> Tensor:
     """``mask * relu(bn(grouped_conv(x, weight)))``, BN per output channel (``[P*K_out]`` or ``[P, K_out]``).
     Running statistics: the epilogue is fused into the conv (one write). Batch statistics: the conv
-    writes partial moments, then one apply pass (reference: ``functional.grouped_conv_bn_act``)."""
+    writes partial moments, then one apply pass (reference: ``reference.grouped_conv_bn_act``)."""
     k = _conv_kernels(x, weight)
     if k is not None:
-        return _kernels()[2].grouped_conv_bn_act(*k, stride, padding, bn_weight, bn_bias, _float_mask(mask, k[0]),
-                                                 running_mean, running_var, eps)
+        return _kernels().grouped_conv.grouped_conv_bn_act(*k, stride, padding, bn_weight, bn_bias,
+                                                           _float_mask(mask, k[0]), running_mean, running_var, eps)
     return ref.grouped_conv_bn_act(x, weight, stride, padding, bn_weight, bn_bias, mask, running_mean, running_var,
                                    eps)
 
@@ -161,14 +162,14 @@ def fused_conv(x: Tensor, weight: Tensor, stride: int, padding: int, in_scale: T
                in_shift: Tensor | None = None, residual: Tensor | None = None,
                stats: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``grouped_conv(relu(x * in_scale + in_shift)) + residual`` and y's batch statistics, forward only
-    (see ``functional.fused_conv``): BN-ReLU-mask in the A-tile prologue, residual and statistics in
+    (see ``reference.fused_conv``): BN-ReLU-mask in the A-tile prologue, residual and statistics in
     the epilogue."""
     k = _conv_kernels(x, weight)
     if k is not None:
         xc, wc = k
         if residual is not None:
             residual = residual.to(xc.dtype)
-        return _kernels()[3].fused_conv(xc, wc, stride, padding, in_scale, in_shift, residual, stats)
+        return _kernels().fused_conv.fused_conv(xc, wc, stride, padding, in_scale, in_shift, residual, stats)
     return ref.fused_conv(x, weight, stride, padding, in_scale, in_shift, residual, stats)
 
 
@@ -177,9 +178,9 @@ def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     ReLU and mask were folded into scale and shift by :func:`scale_shift`), in x's dtype."""
     if kernels_active(x) and x.dim() == 4:
         k = _kernels()
-        x = k[0].as_layout(x)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=k[0].memory_format(x))
+        x = k.common.as_layout(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=k.common.memory_format(x))
         if x.numel():
-            k[1].apply_bn_act(x, out, 1, scale, shift, None, None, None, 0.0, affine=True)
+            k.bn_act.apply_bn_act(x, out, 1, scale, shift, None, None, None, 0.0, affine=True)
         return out
     return ref.affine_relu(x, scale, shift)

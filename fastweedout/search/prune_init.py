@@ -44,10 +44,10 @@ from fastweedout.masks import (
     MODES,
     Masks,
     Sparsity,
-    _generator,
-    _round_half_up,
+    as_generator,
     check_mask_names,
     layer_sparsities,
+    round_half_up,
 )
 from fastweedout.model.backend import MaskedBackend
 
@@ -64,13 +64,13 @@ def off_counts(node_layers: Mapping[str, int], sparsity: Sparsity,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "layerwise":
-        return OrderedDict((k, min(_round_half_up(s * node_layers[k]), node_layers[k] - 1))
+        return OrderedDict((k, min(round_half_up(s * node_layers[k]), node_layers[k] - 1))
                            for k, s in layer_sparsities(node_layers, sparsity).items())
     if isinstance(sparsity, (Mapping, list, tuple)):
         raise ValueError("global sparsity takes one number (the fraction of all nodes switched off)")
     s = layer_sparsities(node_layers, sparsity)[next(iter(node_layers))]
     total = sum(node_layers.values())
-    return min(_round_half_up(s * total), total - len(node_layers))
+    return min(round_half_up(s * total), total - len(node_layers))
 
 
 def _order(s: Tensor, g: torch.Generator) -> Tensor:
@@ -106,7 +106,7 @@ def keep_top(node_layers: Mapping[str, int], scores: Mapping[str, Tensor], spars
     node_layers = OrderedDict(node_layers)
     off = off_counts(node_layers, sparsity, mode)
     sc = _check_scores(node_layers, scores)
-    g = _generator(generator)
+    g = as_generator(generator)
     out = OrderedDict()
     if mode == "layerwise":
         for name, c in node_layers.items():
@@ -369,7 +369,7 @@ def prune_at_init(method: str, model, sparsity: Sparsity, mode: str = "layerwise
     config = _check_config(config)
     layers = model.node_layers()
     off = off_counts(layers, sparsity, mode)
-    g = _generator(generator)
+    g = as_generator(generator)
     x_shape, hw = None, None
     if method in DATA_METHODS:  # validate before any work
         x_shape = tuple(_batch(method, model, images, labels, config)[0].shape)

@@ -1,0 +1,67 @@
+"""How the report writes numbers: percentages with intervals, plain numbers, p-values ("n/a" where
+undefined)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+
+def _pct(mean: float, ci: float | None = None) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    s = f"{100 * mean:.2f}"
+    if ci is not None:
+        s += f" ± {100 * ci:.2f}" if math.isfinite(ci) else " ± n/a"
+    return s
+
+
+def _num(x: float, fmt: str = ".3g") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def _p(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                        (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _describe(c: dict) -> list[str]:
+    """The experiment's data, model and training, from a run's config."""
+    d, m, t = c["data"], c["model"], c["training"]
+    subset = f", first {d['train_subset']} training images" if d.get("train_subset") else ""
+    return [f"- dataset **{d['name']}** (validation split {d['val_size'] if d['val_size'] is not None else 'default'}, "
+            f"split seed {d['split_seed']}{subset}); model **{m['name']}** (dropout {m['dropout']:g})",
+            f"- training: {t['epochs']} epochs, batch {t['batch_size']}, SGD lr {t['lr']:g} (momentum "
+            f"{t['momentum']:g}, Nesterov {t['nesterov']}), weight decay {t['weight_decay']:g}, {t['schedule']} "
+            f"schedule, label smoothing {t['label_smoothing']:g}, {'masked' if t['masked'] else 'pruned'} network"]
+
+
+def _comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[str]:
+    out = [f"Δ = {what} (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
+           "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['sparsity']:g} | {name[r['series']]} | {r['n_test_acc']} | "
+                   f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
+                   f"{_p(r['p_init_val_loss'])} | "
+                   f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
+                   f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
+                   f"{_p(r['p_holm_test_acc'])} |")
+    return out
+
+
+__all__ = ["_comparison_table", "_describe", "_num", "_p", "_pct", "to_csv"]
