@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from fastweedout.analysis.formatting import _num, _p, _pct
+from fastweedout.analysis.formatting import num, p_value, pct
 from fastweedout.analysis.stats import mean_ci
 
 #: the fraction of a reference accuracy a run must reach
@@ -77,7 +77,7 @@ def _conv_cell(c, m: str, fmt: str) -> str:
     if not reached:
         return f"not reached (0/{len(vals)})"
     mean, ci = mean_ci(reached)
-    return f"{_num(mean, fmt)} ± {_num(ci, fmt)}" + (f" ({len(reached)}/{len(vals)})" if len(reached) < len(vals)
+    return f"{num(mean, fmt)} ± {num(ci, fmt)}" + (f" ({len(reached)}/{len(vals)})" if len(reached) < len(vals)
                                                      else "")
 
 
@@ -95,7 +95,7 @@ def convergence_tables(mine: list, comps: list[dict], name: dict[str, str]) -> l
                    f"{_conv_cell(c, 'epochs_to_dense99', '.2f')} | "
                    f"{_conv_cell(c, 'steps_to_dense99', '.0f')} | {_conv_cell(c, 'tflops_to_dense99', '.3g')} | "
                    f"{_conv_cell(c, 'epochs_to_own99', '.2f')} | {_conv_cell(c, 'steps_to_own99', '.0f')} | "
-                   f"{_pct(*c.stat('test_acc_auc'))} |")
+                   f"{pct(*c.stat('test_acc_auc'))} |")
     if comps:
         out += ["", "Paired by seed, method − random (pairs where both reached the target); p raw / Holm over all "
                 "comparisons of that metric.", "",
@@ -105,10 +105,10 @@ def convergence_tables(mine: list, comps: list[dict], name: dict[str, str]) -> l
         for r in comps:
             cells = []
             for m in ("epochs_to_dense99", "epochs_to_own99"):
-                cells += [str(r[f"n_{m}"]), f"{_num(r[f'diff_{m}'], '+.2f')} ± {_num(r[f'ci_{m}'], '.2f')}",
-                          f"{_p(r[f'p_{m}'])} / {_p(r[f'p_holm_{m}'])}"]
+                cells += [str(r[f"n_{m}"]), f"{num(r[f'diff_{m}'], '+.2f')} ± {num(r[f'ci_{m}'], '.2f')}",
+                          f"{p_value(r[f'p_{m}'])} / {p_value(r[f'p_holm_{m}'])}"]
             m = "test_acc_auc"
-            cells += [_pct(r[f"diff_{m}"], r[f"ci_{m}"]), f"{_p(r[f'p_{m}'])} / {_p(r[f'p_holm_{m}'])}"]
+            cells += [pct(r[f"diff_{m}"], r[f"ci_{m}"]), f"{p_value(r[f'p_{m}'])} / {p_value(r[f'p_holm_{m}'])}"]
             out.append(f"| {r['sparsity']:g} | {name[r['series']]} | " + " | ".join(cells) + " |")
     return out
 

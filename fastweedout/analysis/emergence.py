@@ -22,11 +22,15 @@ from collections import defaultdict
 
 import torch
 
-from fastweedout.analysis.plots import _new_figure, _save
+from fastweedout.analysis.plots import new_figure, save_figure
+from fastweedout.analysis.series import series_key
 from fastweedout.analysis.stats import mean_ci
+from fastweedout.config import RunConfig
 from fastweedout.experiment import runs
 from fastweedout.experiment.records import RunError
+from fastweedout.experiment.robustness import gamma_scores, trained_network
 from fastweedout.masks import Masks
+from fastweedout.search.prune_init import node_scores
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,10 +77,6 @@ def _mask(run) -> dict | None:
 
 def dense_rankings(run) -> dict | None:
     """{"gamma": scores, "l1": scores} of a trained dense run (None without its trained weights)."""
-    from fastweedout.config import RunConfig
-    from fastweedout.experiment.robustness import gamma_scores, trained_network
-    from fastweedout.search.prune_init import node_scores
-
     try:
         net = trained_network(run.path, RunConfig.from_dict(run.config))
     except (RunError, ValueError):
@@ -95,8 +95,6 @@ def emergence(all_runs) -> list[dict]:
         if r.arm == "dense" and not cfg.get("pretrain_steps"):
             dense[(r.experiment, r.seed)] = r
         if r.arm == "weedout":
-            from fastweedout.analysis.report import series_key
-
             key = (r.experiment, series_key(dict(cfg, pretrain_steps=0, rewind=False)), r.sparsity)
             groups[key][int(cfg.get("pretrain_steps") or 0)].setdefault(r.seed, r)
     rows = []
@@ -161,7 +159,7 @@ def plot_emergence(rows: list[dict], exp: str, path: str, name) -> bool:
     groups = defaultdict(list)
     for r in mine:
         groups[(r["series"], r["sparsity"])].append(r)
-    fig, axes = _new_figure(len(groups), w=5.0, h=4.0)
+    fig, axes = new_figure(len(groups), w=5.0, h=4.0)
     for ax, ((series, eta), rs) in zip(axes[0], sorted(groups.items())):
         rs = sorted(rs, key=lambda r: r["k"])
         xs = [r["k"] for r in rs]
@@ -181,7 +179,7 @@ def plot_emergence(rows: list[dict], exp: str, path: str, name) -> bool:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["chance", "dense_rankings", "emergence", "emergence_table", "expected_jaccard", "jaccard",

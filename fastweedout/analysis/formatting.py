@@ -8,7 +8,7 @@ import io
 import math
 
 
-def _pct(mean: float, ci: float | None = None) -> str:
+def pct(mean: float, ci: float | None = None) -> str:
     if mean is None or not math.isfinite(mean):
         return "n/a"
     s = f"{100 * mean:.2f}"
@@ -17,11 +17,11 @@ def _pct(mean: float, ci: float | None = None) -> str:
     return s
 
 
-def _num(x: float, fmt: str = ".3g") -> str:
+def num(x: float, fmt: str = ".3g") -> str:
     return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
-def _p(p: float) -> str:
+def p_value(p: float) -> str:
     if p is None or not math.isfinite(p):
         return "n/a"
     return "<0.001" if p < 1e-3 else f"{p:.3f}"
@@ -39,7 +39,7 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _describe(c: dict) -> list[str]:
+def describe(c: dict) -> list[str]:
     """The experiment's data, model and training, from a run's config."""
     d, m, t = c["data"], c["model"], c["training"]
     subset = f", first {d['train_subset']} training images" if d.get("train_subset") else ""
@@ -50,18 +50,18 @@ def _describe(c: dict) -> list[str]:
             f"schedule, label smoothing {t['label_smoothing']:g}, {'masked' if t['masked'] else 'pruned'} network"]
 
 
-def _comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[str]:
+def comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[str]:
     out = [f"Δ = {what} (accuracy in points, loss in nats), with its 95% interval; p raw / Holm.", "",
            "| η | series | pairs | Δ val loss@init | p | Δ val acc@init | p | Δ test acc | p | p Holm |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['sparsity']:g} | {name[r['series']]} | {r['n_test_acc']} | "
-                   f"{r['diff_init_val_loss']:+.4f} ± {_num(r['ci_init_val_loss'], '.4f')} | "
-                   f"{_p(r['p_init_val_loss'])} | "
-                   f"{_pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {_p(r['p_init_val_acc'])} | "
-                   f"{_pct(r['diff_test_acc'], r['ci_test_acc'])} | {_p(r['p_test_acc'])} | "
-                   f"{_p(r['p_holm_test_acc'])} |")
+                   f"{r['diff_init_val_loss']:+.4f} ± {num(r['ci_init_val_loss'], '.4f')} | "
+                   f"{p_value(r['p_init_val_loss'])} | "
+                   f"{pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {p_value(r['p_init_val_acc'])} | "
+                   f"{pct(r['diff_test_acc'], r['ci_test_acc'])} | {p_value(r['p_test_acc'])} | "
+                   f"{p_value(r['p_holm_test_acc'])} |")
     return out
 
 
-__all__ = ["_comparison_table", "_describe", "_num", "_p", "_pct", "to_csv"]
+__all__ = ["comparison_table", "describe", "num", "p_value", "pct", "to_csv"]

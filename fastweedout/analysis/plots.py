@@ -13,7 +13,7 @@ COLORS = {"dense": "#333333", "weedout": "#d62728", "random": "#1f77b4", "given"
           "l1": "#9467bd", "snip": "#8c564b", "grasp": "#e377c2", "synflow": "#17becf"}
 
 
-def _new_figure(ncols: int, nrows: int = 1, w: float = 5.0, h: float = 4.0):
+def new_figure(ncols: int, nrows: int = 1, w: float = 5.0, h: float = 4.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -22,7 +22,7 @@ def _new_figure(ncols: int, nrows: int = 1, w: float = 5.0, h: float = 4.0):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig, path: str, dpi: int = 110) -> bool:
+def save_figure(fig, path: str, dpi: int = 110) -> bool:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return True
@@ -47,7 +47,7 @@ def style(series: str, all_series) -> tuple[str | None, str]:
     return COLORS.get(series.split("/")[0]), _MARKERS[i % len(_MARKERS)] + _LINES[i % len(_LINES)]
 
 
-def _band(ax, xs, stats, color, fmt, lbl):
+def band(ax, xs, stats, color, fmt, lbl):
     ms = [100 * m for m, _ in stats]
     ci = [100 * (c if math.isfinite(c) else 0.0) for _, c in stats]
     ax.plot(xs, ms, fmt, color=color, label=lbl)
@@ -56,7 +56,7 @@ def _band(ax, xs, stats, color, fmt, lbl):
                     color=color, alpha=0.2, linewidth=0)
 
 
-def _accuracy_limits(ax) -> None:
+def accuracy_limits(ax) -> None:
     """The y range of the plotted means (not of the bands), within [0, 100]."""
     ys = [float(y) for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(float(y))]
     if ys:
@@ -73,13 +73,13 @@ def plot_figure2(conds, exp: str, path: str) -> bool:
             series[c.series].append(c)
     if not series and dense:
         series["dense"] = []
-    fig, axes = _new_figure(2)
+    fig, axes = new_figure(2)
     for ax, metric, title in ((axes[0][0], "train_acc", "(a) train accuracy"), (axes[0][1], "test_acc",
                                                                                  "(b) test accuracy")):
         for s, cs in series.items():
             cs = sorted(dense + cs, key=lambda c: c.sparsity)
-            _band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], *style(s, series), label(s, series))
-        _accuracy_limits(ax)
+            band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], *style(s, series), label(s, series))
+        accuracy_limits(ax)
         ax.set_xlabel("sparsity η (fraction of nodes off)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title)
@@ -88,7 +88,7 @@ def plot_figure2(conds, exp: str, path: str) -> bool:
     cfg = mine[0].runs[0].config
     fig.suptitle(f"{cfg['model']['name']} on {cfg['data']['name']}, {cfg['training']['epochs']} epochs: mean and "
                  f"{100 * CONFIDENCE:g}% CI over seeds")
-    return _save(fig, path, 120)
+    return save_figure(fig, path, 120)
 
 
 def _epoch_stats(runs_, key: str):
@@ -108,22 +108,22 @@ def plot_curves(conds, exp: str, path: str) -> bool:
     mine = [c for c in conds if c.experiment == exp]
     etas = sorted({c.sparsity for c in mine})
     all_series = {c.series for c in mine}
-    fig, axes = _new_figure(len(etas), w=4.0, h=3.5)
+    fig, axes = new_figure(len(etas), w=4.0, h=3.5)
     for ax, eta in zip(axes[0], etas):
         for c in (c for c in mine if c.sparsity == eta):
             (color, fmt), lbl = style(c.series, all_series), label(c.series, all_series)
             xs, st = _epoch_stats(c.runs, "test_acc")
-            _band(ax, xs, st, color, fmt[0] + "-", f"{lbl} test")
+            band(ax, xs, st, color, fmt[0] + "-", f"{lbl} test")
             xs, st = _epoch_stats(c.runs, "train_acc")
             ax.plot(xs, [100 * m for m, _ in st], fmt[0] + ":", color=color, alpha=0.7, label=f"{lbl} train")
-        _accuracy_limits(ax)
+        accuracy_limits(ax)
         ax.set_title(f"η = {eta:g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_search(conds, exp: str, path: str) -> bool:
@@ -132,7 +132,7 @@ def plot_search(conds, exp: str, path: str) -> bool:
                                                               for r in c.runs)]
     if not mine:
         return False
-    fig, axes = _new_figure(2)
+    fig, axes = new_figure(2)
     for ax, key, title in ((axes[0][0], "best_fitness", "best fitness"), (axes[0][1], "mean_fitness", "mean fitness")):
         for c in mine:
             rows = [r.search[key] for r in c.runs if r.search and r.search.get(key)]
@@ -144,7 +144,7 @@ def plot_search(conds, exp: str, path: str) -> bool:
         ax.set_title(f"{title} per generation (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _axis_groups(conds):
@@ -178,18 +178,18 @@ def plot_axes(conds, comps, path: str) -> bool:
     if not groups:
         return False
     gap = {(r["experiment"], r["series"], r["sparsity"]): r for r in comps if r["against"] == "random"}
-    fig, axes = _new_figure(2, len(groups))
+    fig, axes = new_figure(2, len(groups))
     for row, (axis, g) in zip(axes, groups.items()):
         for ctx, pts in g.items():
             xs = [str(x) for x, _ in pts]
             name = f"η={ctx[1]:g}" if axis != "model" else f"{ctx[1]} η={ctx[2]:g}"
-            _band(row[0], xs, [c.stat("test_acc") for _, c in pts], None, "o-", name)
+            band(row[0], xs, [c.stat("test_acc") for _, c in pts], None, "o-", name)
             d = [gap.get((c.experiment, c.series, c.sparsity)) for _, c in pts]
             if any(d):
                 row[1].errorbar(xs, [r["diff_init_val_loss"] if r else math.nan for r in d],
                                 yerr=[r["ci_init_val_loss"] if r and math.isfinite(r["ci_init_val_loss"]) else 0
                                       for r in d], fmt="o-", capsize=3, label=name)
-        _accuracy_limits(row[0])
+        accuracy_limits(row[0])
         row[0].set_title(f"test accuracy after training vs {axis}")
         row[0].set_ylabel("accuracy (%)")
         row[1].set_title(f"validation loss before training, minus random, vs {axis}")
@@ -199,7 +199,7 @@ def plot_axes(conds, comps, path: str) -> bool:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_differences(comps, exp: str, path: str) -> bool:
@@ -210,7 +210,7 @@ def plot_differences(comps, exp: str, path: str) -> bool:
     if not rows:
         return False
     names = [r["series"] for r in rows]
-    fig, axes = _new_figure(2, 1, w=5.5, h=max(3.0, 0.32 * len(rows) + 1.2))
+    fig, axes = new_figure(2, 1, w=5.5, h=max(3.0, 0.32 * len(rows) + 1.2))
     ys = list(range(len(rows)))[::-1]
     panels = (("init_val_loss", 1.0, "(a) validation loss before training, minus random",
                "Δ loss (nats; < 0: better than random)"),
@@ -232,7 +232,7 @@ def plot_differences(comps, exp: str, path: str) -> bool:
         ax.grid(alpha=0.3, axis="x")
     axes[0][1].tick_params(labelleft=False)
     fig.suptitle(f"paired by seed: mean difference and {int(CONFIDENCE * 100)}% CI")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["COLORS", "label", "style", "plot_axes", "plot_curves", "plot_differences", "plot_figure2",

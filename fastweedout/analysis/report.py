@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from fastweedout import atomic
 from fastweedout.analysis.convergence import CONVERGENCE_METRICS, convergence, convergence_tables
-from fastweedout.analysis.formatting import _comparison_table, _describe, _num, _p, _pct, to_csv
+from fastweedout.analysis.emergence import emergence, emergence_table, plot_emergence
+from fastweedout.analysis.formatting import comparison_table, describe, num, p_value, pct, to_csv
 from fastweedout.analysis.plots import (
     label,
     plot_axes,
@@ -31,6 +32,7 @@ from fastweedout.analysis.plots import (
     plot_search,
 )
 from fastweedout.analysis.robustness_report import plot_robustness, robustness_table
+from fastweedout.analysis.series import control_key, experiment_key, node_peer_key, series_key, source_key
 from fastweedout.analysis.stats import CONFIDENCE, holm, mean_ci, paired
 from fastweedout.experiment import runs
 from fastweedout.experiment.records import RunError, read_jsonl
@@ -71,49 +73,6 @@ class Collection:
     search_only: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # finished, but results.jsonl cannot be read
-
-
-def experiment_key(cfg: dict) -> str:
-    return runs.config_hash({k: cfg.get(k) for k in ("data", "model", "training", "version")})[:8]
-
-
-def _k(cfg: dict) -> str:
-    k = cfg.get("pretrain_steps") or 0
-    return f"/k{k}{'r' if cfg.get('rewind') else ''}" if k else ""
-
-
-def _structure(cfg: dict) -> str:
-    """Structure-alone runs (fastweedout.experiment.structure): fresh weights, shuffled nodes."""
-    return ("/reinit" if cfg.get("reinit") else "") + ("/shuffled" if cfg.get("shuffle") else "")
-
-
-def series_key(cfg: dict) -> str:
-    return _series_key(cfg) + _structure(cfg)
-
-
-def _series_key(cfg: dict) -> str:
-    a, mode, gran = cfg["arm"], cfg.get("mode"), cfg.get("granularity", "node")
-    if a == "dense":
-        return "dense" + _k(cfg)
-    if a == "weedout":
-        s = cfg["search"]
-        steps = f"/m{s['member_steps']}" if s.get("member_steps") else ""
-        return (f"weedout/{mode}/{gran}/P{s['population']}xG{s['generations']}/{s['metric']}/{s['bn']}/"
-                f"{s['strategy']}{steps}{_k(cfg)}")
-    if a == "throughout":
-        s, t = cfg["search"], cfg["throughout"]
-        return f"throughout/{mode}/P{s['population']}/i{t['interval']}/ft{t['finetune_epochs']}/{s['metric']}"
-    if a == "given":
-        return f"given/{(cfg.get('mask_sha256') or '')[:8]}"
-    return f"{a}/{mode}/{gran}{_k(cfg)}"
-
-
-def control_key(cfg: dict) -> str | None:
-    if cfg["arm"] in ("dense", "random", "given"):
-        return None
-    c = dict(cfg, pretrain_steps=0, rewind=False) if cfg["arm"] == "throughout" else cfg
-    reinit = "/reinit" if cfg.get("reinit") else ""  # a shuffled mask's control is the plain random mask
-    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(c)}{reinit}"
 
 
 def _elite_wins(search: dict | None) -> float | None:
@@ -222,16 +181,6 @@ def conditions(col: Collection) -> list[Condition]:
     return sorted(out, key=lambda c: (c.experiment, c.sparsity, _ARM_ORDER.get(c.arm, 9), c.series))
 
 
-def node_peer_key(cfg: dict) -> str | None:
-    """The node-level series a weight-level one is compared with (same arm, search and sparsity)."""
-    return series_key(dict(cfg, granularity="node")) if cfg.get("granularity") == "weight" else None
-
-
-def source_key(cfg: dict) -> str | None:
-    """A structure-alone series' source: the same arm with its own weights and nodes."""
-    return series_key(dict(cfg, reinit=False, shuffle=False)) if _structure(cfg) else None
-
-
 def comparisons(conds: list[Condition]) -> list[dict]:
     """Paired t-tests at each sparsity, on every metric: every non-random series against its random
     control (``against="random"``) and every weight-level series against the node-level series of
@@ -305,22 +254,23 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str, name: dict[st
         d = dense[0].stat("test_acc")[0]
         for c in mine:
             if c.sparsity == top and c.arm == "random":
-                lines.append(f"- dense → η={top:g} with random masks ({name[c.series]}): test accuracy {_pct(d)} → "
-                             f"{_pct(c.stat('test_acc')[0])} ({100 * (c.stat('test_acc')[0] - d):+.2f} points; the "
+                lines.append(f"- dense → η={top:g} with random masks ({name[c.series]}): test accuracy {pct(d)} → "
+                             f"{pct(c.stat('test_acc')[0])} ({100 * (c.stat('test_acc')[0] - d):+.2f} points; the "
                              f"paper loses about {PAPER_DROP:g} points dense → 0.8 on CIFAR-10)")
     for r in comps:
         if r["experiment"] == exp and r["against"] == "random":
             ctrl = name.get(r["control"], r["control"])
             lines.append(f"- η={r['sparsity']:g}, {name[r['series']]} − {ctrl}: {r['diff_init_val_loss']:+.3f} "
-                         f"validation loss before training (p {_p(r['p_init_val_loss'])}, "
-                         f"Holm {_p(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
-                         f"accuracy after training (p {_p(r['p_test_acc'])}, Holm {_p(r['p_holm_test_acc'])}; "
+                         f"validation loss before training (p {p_value(r['p_init_val_loss'])}, "
+                         f"Holm {p_value(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
+                         f"accuracy after training (p {p_value(r['p_test_acc'])}, "
+                         f"Holm {p_value(r['p_holm_test_acc'])}; "
                          f"{r['n_test_acc']} pairs)")
     return lines
 
 
 def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], primary: str | None,
-                figures: list[str]) -> str:
+                figures: list[str], emerged: list[dict] | None = None) -> str:
     out = ["# Sparse masks before training and after: results", ""]
     out.append(f"{len(col.runs)} finished runs" + (f", {len(col.incomplete)} incomplete (not included)"
                                                     if col.incomplete else "")
@@ -340,25 +290,26 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
         mine = [c for c in conds if c.experiment == exp]
         name = {c.series: label(c.series, {x.series for x in mine}) for c in mine}  # full keys: summary.csv
         out += [f"## Experiment {exp}" + (" (plotted)" if exp == primary else ""), ""]
-        out += _describe(mine[0].runs[0].config)
+        out += describe(mine[0].runs[0].config)
         out += ["", "### Headline", ""] + (_headline(conds, comps, exp, name) or ["- (needs dense and sparse runs)"])
         out += ["", "### Accuracy", "", "| η | series | n | train acc | test acc | val loss@init | val acc@init |",
                 "|---:|---|---:|---:|---:|---:|---:|"]
         for c in mine:
             lm, lci = c.stat("init_val_loss")
-            out.append(f"| {c.sparsity:g} | {name[c.series]} | {len(c.runs)} | {_pct(*c.stat('train_acc'))} | "
-                       f"{_pct(*c.stat('test_acc'))} | {_num(lm, '.4f')} ± {_num(lci, '.4f')} | "
-                       f"{_pct(*c.stat('init_val_acc'))} |")
+            out.append(f"| {c.sparsity:g} | {name[c.series]} | {len(c.runs)} | {pct(*c.stat('train_acc'))} | "
+                       f"{pct(*c.stat('test_acc'))} | {num(lm, '.4f')} ± {num(lci, '.4f')} | "
+                       f"{pct(*c.stat('init_val_acc'))} |")
         for against, title, what in (("random", "Against the random control", "method − random"),
                                      ("node", "Weight-level against node-level masks", "weight − node"),
                                      ("source", "Structure alone against the same arm's own weights and nodes",
                                       "reinit/shuffled − original")):
             rows = [r for r in comps if r["experiment"] == exp and r["against"] == against]
             if rows:
-                out += ["", f"### {title} (paired by seed)", ""] + _comparison_table(rows, what, name)
+                out += ["", f"### {title} (paired by seed)", ""] + comparison_table(rows, what, name)
         out += [""] + convergence_tables(mine, [r for r in comps if r["experiment"] == exp and
                                                  r["against"] == "random"], name)
         out += robustness_table(mine, name)
+        out += emergence_table(emerged or [], exp, lambda k, mine=mine: label(k, {x.series for x in mine} | {k}))
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
@@ -377,11 +328,11 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
         for c in mine:
             sel = c.phase_mean("search", "flops") + c.phase_mean("pretrain", "flops")
             sel_s = c.phase_mean("search", "wall_s") + c.phase_mean("pretrain", "wall_s")
-            out.append(f"| {c.sparsity:g} | {name[c.series]} | {_num(sel / 1e9)} | "
-                       f"{_num(c.phase_mean('training', 'flops') / 1e9)} | {_pct(c.search_share('flops'))}% | "
-                       f"{_num(sel_s, '.1f')} | "
-                       f"{_num(c.phase_mean('training', 'wall_s'), '.1f')} | {_pct(c.search_share('wall_s'))}% | "
-                       f"{_num(c.phase_mean('evaluation', 'wall_s'), '.1f')} |")
+            out.append(f"| {c.sparsity:g} | {name[c.series]} | {num(sel / 1e9)} | "
+                       f"{num(c.phase_mean('training', 'flops') / 1e9)} | {pct(c.search_share('flops'))}% | "
+                       f"{num(sel_s, '.1f')} | "
+                       f"{num(c.phase_mean('training', 'wall_s'), '.1f')} | {pct(c.search_share('wall_s'))}% | "
+                       f"{num(c.phase_mean('evaluation', 'wall_s'), '.1f')} |")
         out.append("")
     if figures:
         out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
@@ -420,20 +371,22 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     primary = max(sorted(counts), key=lambda e: counts[e])
     paths = {"report.md": os.path.join(out, "report.md"), "summary.csv": os.path.join(out, "summary.csv")}
     figures = []
+    emerged = emergence(col.runs)
     for name, draw in (("figure2.png", lambda p: plot_figure2(conds, primary, p)),
                        ("curves.png", lambda p: plot_curves(conds, primary, p)),
                        ("search.png", lambda p: plot_search(conds, primary, p)),
                        ("differences.png", lambda p: plot_differences(comps, primary, p)),
                        ("axes.png", lambda p: plot_axes(conds, comps, p)),
-                       ("robustness.png", lambda p: plot_robustness(conds, primary, p))):
+                       ("robustness.png", lambda p: plot_robustness(conds, primary, p)),
+                       ("emergence.png", lambda p: plot_emergence(emerged, primary, p, lambda k: label(k, {k})))):
         path = os.path.join(out, name)
         if draw(path):
             paths[name] = path
             figures.append(name)
     atomic.atomic_write_text(paths["summary.csv"], to_csv(summary_rows(conds, comps)))
-    atomic.atomic_write_text(paths["report.md"], to_markdown(col, conds, comps, primary, figures))
+    atomic.atomic_write_text(paths["report.md"], to_markdown(col, conds, comps, primary, figures, emerged))
     return Report(paths, col, conds, comps, primary)
 
 
-__all__ = ["Collection", "Condition", "Report", "collect", "comparisons", "conditions", "control_key",
-           "experiment_key", "node_peer_key", "series_key", "summary_rows", "to_csv", "to_markdown", "write_report"]
+__all__ = ["Collection", "Condition", "Report", "collect", "comparisons", "conditions",
+           "summary_rows", "to_markdown", "write_report"]

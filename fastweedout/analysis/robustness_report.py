@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from fastweedout.analysis.formatting import _pct
-from fastweedout.analysis.plots import _accuracy_limits, _band, _new_figure, _save, label, style
+from fastweedout.analysis.formatting import pct
+from fastweedout.analysis.plots import accuracy_limits, band, label, new_figure, save_figure, style
 from fastweedout.analysis.stats import mean_ci
 
 METHOD_NAMES = {"random": "random nodes", "bn_gamma": "smallest BN |γ|"}
@@ -44,7 +44,7 @@ def robustness_table(mine: list, name: dict[str, str]) -> list[str]:
            "|---:|---|---|---:|" + "---:|" * len(fracs)]
     for c, cv in rows:
         for method, d in sorted(cv.items()):
-            cells = [_pct(*mean_ci(d[f])) if d.get(f) else "" for f in fracs]
+            cells = [pct(*mean_ci(d[f])) if d.get(f) else "" for f in fracs]
             how = METHOD_NAMES.get(method, method).replace("|", "\\|")  # a bar would split the cell
             out.append(f"| {c.sparsity:g} | {name[c.series]} | {how} | {len(d[0.0])} | "
                        + " | ".join(cells) + " |")
@@ -60,7 +60,7 @@ def plot_robustness(conds, exp: str, path: str) -> bool:
         return False
     methods = sorted({m for _, cv in mine for m in cv})
     all_series = {c.series for c, _ in mine}
-    fig, axes = _new_figure(len(methods), w=5.0, h=4.0)
+    fig, axes = new_figure(len(methods), w=5.0, h=4.0)
     for ax, method in zip(axes[0], methods):
         for c, cv in mine:
             d = cv.get(method)
@@ -68,8 +68,8 @@ def plot_robustness(conds, exp: str, path: str) -> bool:
                 continue
             xs = sorted(d)
             color, fmt = style(c.series, all_series)
-            _band(ax, xs, [mean_ci(d[x]) for x in xs], color, fmt, f"η={c.sparsity:g} {label(c.series, all_series)}")
-        _accuracy_limits(ax)
+            band(ax, xs, [mean_ci(d[x]) for x in xs], color, fmt, f"η={c.sparsity:g} {label(c.series, all_series)}")
+        accuracy_limits(ax)
         ax.set_title(f"further nodes removed: {METHOD_NAMES.get(method, method)}")
         ax.set_xlabel("fraction f of the live nodes removed after training")
         ax.set_ylabel("test accuracy (%), no fine-tuning")
@@ -80,7 +80,7 @@ def plot_robustness(conds, exp: str, path: str) -> bool:
         hi = max(a.get_ylim()[1] for a in axes[0])
         for a in axes[0]:
             a.set_ylim(lo, hi if math.isfinite(hi) else 100)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["METHOD_NAMES", "condition_curves", "plot_robustness", "robustness_table"]
