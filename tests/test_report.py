@@ -236,3 +236,23 @@ def test_figure_labels_name_what_tells_series_apart():
     assert label("random/layerwise/node", every) == "random" and label(k, every) == "random (k5)"
     assert label(a, {a, "random/layerwise/node"}) == "weedout"
     assert style(a, every)[0] == style(b, every)[0] and style(a, every)[1] != style(b, every)[1]
+
+
+def test_core_series_and_the_split_figure(tmp_path, monkeypatch):
+    assert plots.is_core("weedout/layerwise/node/P100xG5/loss/batch/elitism")
+    assert plots.is_core("random/layerwise/node")
+    for extra in ("random/global/node", "weedout/layerwise/node/P100xG5/loss/batch/elitism/k200",
+                  "random/layerwise/node/reinit", "synflow/layerwise/node", "weedout/layerwise/weight/P10xG1/loss/"
+                  "batch/elitism", "weedout/layerwise/node/P10xG1/loss/batch/elitism/m3"):
+        assert not plots.is_core(extra), extra
+    # figure 2 holds the core series only; the others get their own figure, absent when there are none
+    dense = report.Condition("e", "dense", "dense", 0.0, [])
+    core = report.Condition("e", "random/layerwise/node", "random", 0.8, [])
+    other = report.Condition("e", "synflow/layerwise/node", "synflow", 0.8, [])
+    assert not plots.plot_figure2_extras([dense, core], "e", str(tmp_path / "x.png"))
+    drawn = []
+    monkeypatch.setattr(plots, "_figure2", lambda conds, exp, path, keep, title: drawn.append(
+        [c.series for c in conds if c.arm != "dense" and keep(c.series)]))
+    plots.plot_figure2([dense, core, other], "e", "a.png")
+    plots.plot_figure2_extras([dense, core, other], "e", "b.png")
+    assert drawn == [["random/layerwise/node"], ["synflow/layerwise/node"]]

@@ -148,7 +148,7 @@ def emergence_table(rows: list[dict], exp: str, name) -> list[str]:
         cells = [_cell(r["vs_k"].get(k, [])) for k in ks]
         out.append(f"| {r['sparsity']:g} | {name(r['series'])} | {r['k']} | " + " | ".join(cells) +
                    f" | {_cell(r['vs_gamma'])} | {_cell(r['vs_l1'])} | {_cell(r['chance'])} |")
-    return out + [""]
+    return out
 
 
 def plot_emergence(rows: list[dict], exp: str, path: str, name) -> bool:

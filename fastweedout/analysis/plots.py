@@ -13,13 +13,16 @@ COLORS = {"dense": "#333333", "weedout": "#d62728", "random": "#1f77b4", "given"
           "l1": "#9467bd", "snip": "#8c564b", "grasp": "#e377c2", "synflow": "#17becf"}
 
 
-def new_figure(ncols: int, nrows: int = 1, w: float = 5.0, h: float = 4.0):
+def new_figure(ncols: int, nrows: int = 1, w: float = 5.0, h: float = 4.0, sharey: bool = False,
+               heights: list[float] | None = None):
+    """A figure of ``nrows`` × ``ncols`` panels of ``w`` × ``h`` inches (``heights``: each row's own)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
+    fig = Figure(figsize=(w * ncols, sum(heights) if heights else h * nrows), layout="constrained")
     FigureCanvasAgg(fig)  # Agg, whatever pyplot's backend: no display needed, no global state
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey,
+                             gridspec_kw=dict(height_ratios=heights) if heights else None)
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> bool:
@@ -63,32 +66,74 @@ def accuracy_limits(ax) -> None:
         ax.set_ylim(max(0.0, min(ys) - 5), min(100.5, max(ys) + 3))
 
 
-def plot_figure2(conds, exp: str, path: str) -> bool:
-    """The paper's Figure 2: (a) train and (b) test accuracy vs sparsity, per series, with CI bands."""
+def is_core(series: str) -> bool:
+    """The paper's comparison: Weedout (any fitness metric) and random, layerwise node masks chosen at
+    initialisation, trained from their own initial weights."""
+    parts = series.split("/")
+    if parts[0] not in ("weedout", "random") or parts[1:3] != ["layerwise", "node"]:
+        return False
+    return not any(p.startswith(("k", "m")) and p[1:2].isdigit() or p in ("reinit", "shuffled") for p in parts[3:])
+
+
+#: distinct colours for the series of one figure (tab10 without the dense grey)
+PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def limits_of_means(ax, pad: float = 0.15) -> None:
+    """A y range that shows the differences between the plotted means (not set by the bands)."""
+    ys = [float(y) for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(float(y))]
+    if ys:
+        lo, hi = min(ys), max(ys)
+        d = max(hi - lo, 0.5) * pad + 0.25
+        ax.set_ylim(max(0.0, lo - d), min(100.5, hi + d))
+
+
+def _figure2(conds, exp: str, path: str, keep, title: str) -> bool:
     mine = [c for c in conds if c.experiment == exp]
-    dense = [c for c in mine if c.arm == "dense"]
+    dense = [c for c in mine if c.arm == "dense" and c.series == "dense"]
     series: dict[str, list] = defaultdict(list)
     for c in mine:
-        if c.arm != "dense":
+        if c.arm != "dense" and keep(c.series):
             series[c.series].append(c)
-    if not series and dense:
-        series["dense"] = []
+    if not series and not dense:
+        return False
     fig, axes = new_figure(2)
-    for ax, metric, title in ((axes[0][0], "train_acc", "(a) train accuracy"), (axes[0][1], "test_acc",
-                                                                                 "(b) test accuracy")):
-        for s, cs in series.items():
-            cs = sorted(dense + cs, key=lambda c: c.sparsity)
-            band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], *style(s, series), label(s, series))
-        accuracy_limits(ax)
+    for ax, metric, sub in ((axes[0][0], "train_acc", "(a) train accuracy"), (axes[0][1], "test_acc",
+                                                                               "(b) test accuracy")):
+        for d in dense:  # the dense parent: a marker at η=0 and its level as a reference line
+            m, ci = d.stat(metric)
+            ax.errorbar([0.0], [100 * m], yerr=[[100 * ci if math.isfinite(ci) else 0.0]] * 2, fmt="k*",
+                        markersize=10, capsize=3, label="dense")
+            ax.axhline(100 * m, color="#333333", linewidth=0.8, linestyle=":")
+        for i, (s, cs) in enumerate(sorted(series.items())):
+            cs = sorted(cs, key=lambda c: c.sparsity)  # only the sparsities measured: no line from η=0
+            fmt = _MARKERS[i % len(_MARKERS)] + ("-" if len(cs) > 1 else "")
+            band(ax, [c.sparsity for c in cs], [c.stat(metric) for c in cs], PALETTE[i % len(PALETTE)], fmt,
+                 label(s, series))
+        limits_of_means(ax)
         ax.set_xlabel("sparsity η (fraction of nodes off)")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(title)
+        ax.set_title(sub)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="lower left")
     cfg = mine[0].runs[0].config
-    fig.suptitle(f"{cfg['model']['name']} on {cfg['data']['name']}, {cfg['training']['epochs']} epochs: mean and "
-                 f"{100 * CONFIDENCE:g}% CI over seeds")
+    fig.suptitle(f"{title}: {cfg['model']['name']} on {cfg['data']['name']}, {cfg['training']['epochs']} epochs; "
+                 f"mean and {100 * CONFIDENCE:g}% CI over seeds")
     return save_figure(fig, path, 120)
+
+
+def plot_figure2(conds, exp: str, path: str) -> bool:
+    """The paper's Figure 2 for the core arms (:func:`is_core`): (a) train and (b) test accuracy vs
+    sparsity, markers at the measured sparsities only, the dense parent as a reference."""
+    return _figure2(conds, exp, path, is_core, "Weedout vs random")
+
+
+def plot_figure2_extras(conds, exp: str, path: str) -> bool:
+    """Figure 2's axes for every other series (pruning at initialisation, global masks, after K steps,
+    structure alone, ...); False when there are none."""
+    if not any(c.experiment == exp and c.arm != "dense" and not is_core(c.series) for c in conds):
+        return False
+    return _figure2(conds, exp, path, lambda s: not is_core(s), "Other methods and controls")
 
 
 def _epoch_stats(runs_, key: str):
@@ -102,48 +147,69 @@ def _epoch_stats(runs_, key: str):
 
 
 def plot_curves(conds, exp: str, path: str) -> bool:
-    """Accuracy per epoch, one panel per sparsity: test (solid, CI band) and train (dashed) per series."""
+    """Accuracy per epoch of the dense network and the core series (:func:`is_core`), one panel per
+    sparsity, shared y-axis: test (solid, CI band) and train (dotted) per series."""
     from matplotlib.ticker import MaxNLocator
 
-    mine = [c for c in conds if c.experiment == exp]
+    mine = [c for c in conds if c.experiment == exp and (c.series == "dense" or is_core(c.series))]
+    if not mine:
+        return False
     etas = sorted({c.sparsity for c in mine})
+    colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted({c.series for c in mine} - {"dense"}))}
+    colours["dense"] = COLORS["dense"]
     all_series = {c.series for c in mine}
-    fig, axes = new_figure(len(etas), w=4.0, h=3.5)
+    fig, axes = new_figure(len(etas), w=4.0, h=4.0, sharey=True)
     for ax, eta in zip(axes[0], etas):
         for c in (c for c in mine if c.sparsity == eta):
-            (color, fmt), lbl = style(c.series, all_series), label(c.series, all_series)
+            colour, lbl = colours[c.series], label(c.series, all_series)
             xs, st = _epoch_stats(c.runs, "test_acc")
-            band(ax, xs, st, color, fmt[0] + "-", f"{lbl} test")
+            band(ax, xs, st, colour, "o-", lbl)
             xs, st = _epoch_stats(c.runs, "train_acc")
-            ax.plot(xs, [100 * m for m, _ in st], fmt[0] + ":", color=color, alpha=0.7, label=f"{lbl} train")
-        accuracy_limits(ax)
+            ax.plot(xs, [100 * m for m, _ in st], ":", color=colour, alpha=0.8)
         ax.set_title(f"η = {eta:g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", loc="lower right")  # inside its own panel
+    accuracy_limits(axes[0][0])  # shared: the range of every panel's means
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.suptitle(f"test accuracy per epoch (solid, {100 * CONFIDENCE:g}% CI band over seeds) and training accuracy "
+                 "on the augmented batches (dotted)", fontsize="medium")
     return save_figure(fig, path)
 
 
 def plot_search(conds, exp: str, path: str) -> bool:
-    """Best and mean fitness per generation of the searches, one line per (series, sparsity)."""
+    """Best fitness per generation of the searches, one panel per fitness metric, one line per (series,
+    sparsity); the mean fitness of generation 1 (random members) as the reference."""
+    from matplotlib.ticker import MaxNLocator
+
     mine = [c for c in conds if c.experiment == exp and any(r.search and r.search.get("best_fitness")
                                                               for r in c.runs)]
     if not mine:
         return False
-    fig, axes = new_figure(2)
-    for ax, key, title in ((axes[0][0], "best_fitness", "best fitness"), (axes[0][1], "mean_fitness", "mean fitness")):
-        for c in mine:
-            rows = [r.search[key] for r in c.runs if r.search and r.search.get(key)]
-            g = min(map(len, rows))
-            ys = [sum(row[i] for row in rows) / len(rows) for i in range(g)]
-            ax.plot(range(1, g + 1), ys, "o-", label=f"η={c.sparsity:g} {label(c.series, {x.series for x in mine})}")
+    by_metric: dict[str, list] = defaultdict(list)
+    for c in mine:
+        by_metric[(c.runs[0].config.get("search") or {}).get("metric", "?")].append(c)
+    fig, axes = new_figure(len(by_metric), w=5.5)
+    for ax, (metric, cs) in zip(axes[0], sorted(by_metric.items())):
+        for i, c in enumerate(cs):
+            colour = PALETTE[i % len(PALETTE)]
+            best = [r.search["best_fitness"] for r in c.runs if r.search and r.search.get("best_fitness")]
+            mean = [r.search["mean_fitness"] for r in c.runs if r.search and r.search.get("mean_fitness")]
+            g = min(map(len, best))
+            ax.plot(range(1, g + 1), [sum(b[k] for b in best) / len(best) for k in range(g)], "o-", color=colour,
+                    label=f"η={c.sparsity:g} {label(c.series, {x.series for x in mine})}: best")
+            if mean:
+                ref = sum(m[0] for m in mean) / len(mean)
+                ax.axhline(ref, color=colour, linestyle=":", linewidth=1.0, label=f"η={c.sparsity:g}: random member")
         ax.set_xlabel("generation")
-        ax.set_ylabel("fitness (-loss or accuracy)")
-        ax.set_title(f"{title} per generation (mean over seeds)")
+        ax.set_ylabel({"loss": "fitness (−loss)", "accuracy": "fitness (accuracy)"}.get(metric, "fitness"))
+        ax.set_title(f"fitness {metric}: best member per generation (mean over seeds)", fontsize="medium")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="xx-small", loc="best", ncols=2)
+    fig.supxlabel("each generation scores its members on a fresh batch of held-out images; dotted: the mean "
+                  "fitness of generation 1 (random masks)", fontsize="small")
     return save_figure(fig, path)
 
 
@@ -203,37 +269,42 @@ def plot_axes(conds, comps, path: str) -> bool:
 
 
 def plot_differences(comps, exp: str, path: str) -> bool:
-    """Every series minus its random control, paired by seed, with 95% intervals: (a) validation loss
-    before training, (b) test accuracy after training. One row per (sparsity, series)."""
+    """Every series minus its random control, paired by seed, with unadjusted 95% intervals: (a)
+    validation loss before training, (b) test accuracy after training; the core comparisons
+    (:func:`is_core`) in the top row, the others below; each row names the series and its control."""
     rows = sorted((r for r in comps if r["against"] == "random" and r["experiment"] == exp),
                   key=lambda r: (r["sparsity"], r["series"]))
     if not rows:
         return False
-    names = [r["series"] for r in rows]
-    fig, axes = new_figure(2, 1, w=5.5, h=max(3.0, 0.32 * len(rows) + 1.2))
-    ys = list(range(len(rows)))[::-1]
-    panels = (("init_val_loss", 1.0, "(a) validation loss before training, minus random",
-               "Δ loss (nats; < 0: better than random)"),
-              ("test_acc", 100.0, "(b) test accuracy after training, minus random",
-               "Δ accuracy (points; > 0: better than random)"))
-    for ax, (m, scale, title, xlabel) in zip(axes[0], panels):
-        for y, r in zip(ys, rows):
-            d, ci = r[f"diff_{m}"], r[f"ci_{m}"]
-            if not math.isfinite(d):
-                continue
-            color, fmt = style(r["series"], names)
-            ax.errorbar([scale * d], [y], xerr=[[scale * ci if math.isfinite(ci) else 0.0]] * 2, fmt=fmt[0],
-                        color=color, capsize=3)
-        ax.axvline(0.0, color="#333333", linewidth=0.8)
-        ax.set_yticks(ys, [f"η={r['sparsity']:g}  {label(r['series'], names)}  (n={r[f'n_{m}']})" for r in rows],
-                      fontsize="small")
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3, axis="x")
-    axes[0][1].tick_params(labelleft=False)
-    fig.suptitle(f"paired by seed: mean difference and {int(CONFIDENCE * 100)}% CI")
+    groups = [g for g in ([r for r in rows if is_core(r["series"])], [r for r in rows if not is_core(r["series"])])
+              if g]
+    names = sorted({r["series"] for r in rows} | {r["control"] for r in rows})
+    colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted({r["series"] for r in rows}))}
+    fig, axes = new_figure(2, len(groups), w=6.0, heights=[max(1.8, 0.32 * len(g) + 1.2) for g in groups])
+    panels = (("init_val_loss", 1.0, "validation loss before training",
+               "Δ loss (nats; < 0: better than the control)"),
+              ("test_acc", 100.0, "test accuracy after training",
+               "Δ accuracy (points; > 0: better than the control)"))
+    for row_axes, g, kind in zip(axes, groups, ("core comparisons", "other methods")):
+        ys = list(range(len(g)))[::-1]
+        for ax, (m, scale, title, xlabel) in zip(row_axes, panels):
+            for y, r in zip(ys, g):
+                d, ci = r[f"diff_{m}"], r[f"ci_{m}"]
+                if math.isfinite(d):
+                    ax.errorbar([scale * d], [y], xerr=[[scale * ci if math.isfinite(ci) else 0.0]] * 2, fmt="o",
+                                color=colours[r["series"]], capsize=3)
+            ax.axvline(0.0, color="#333333", linewidth=0.8)
+            ax.set_yticks(ys, [f"η={r['sparsity']:g}  {label(r['series'], names)} − {label(r['control'], names)}"
+                               f"  (n={r[f'n_{m}']})" for r in g], fontsize="small")
+            ax.set_title(f"{kind}: {title}", fontsize="medium")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3, axis="x")
+        row_axes[1].tick_params(labelleft=False)
+    fig.suptitle(f"paired by seed: mean difference and {int(CONFIDENCE * 100)}% CI (unadjusted; the report's "
+                 "p-values are also Holm-adjusted)")
     return save_figure(fig, path)
 
 
-__all__ = ["COLORS", "label", "style", "plot_axes", "plot_curves", "plot_differences", "plot_figure2",
-           "plot_search"]
+__all__ = ["COLORS", "PALETTE", "accuracy_limits", "band", "is_core", "label", "limits_of_means", "new_figure",
+           "plot_axes", "plot_curves", "plot_differences", "plot_figure2", "plot_figure2_extras", "plot_search",
+           "save_figure", "style"]

@@ -29,6 +29,7 @@ from fastweedout.analysis.plots import (
     plot_curves,
     plot_differences,
     plot_figure2,
+    plot_figure2_extras,
     plot_search,
 )
 from fastweedout.analysis.robustness_report import plot_robustness, robustness_table
@@ -309,7 +310,7 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
         out += [""] + convergence_tables(mine, [r for r in comps if r["experiment"] == exp and
                                                  r["against"] == "random"], name)
         out += robustness_table(mine, name)
-        out += emergence_table(emerged or [], exp, lambda k, mine=mine: label(k, {x.series for x in mine} | {k}))
+        out += [""] + emergence_table(emerged or [], exp, lambda k, mine=mine: label(k, {x.series for x in mine} | {k}))
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
@@ -373,6 +374,7 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     figures = []
     emerged = emergence(col.runs)
     for name, draw in (("figure2.png", lambda p: plot_figure2(conds, primary, p)),
+                       ("figure2-extras.png", lambda p: plot_figure2_extras(conds, primary, p)),
                        ("curves.png", lambda p: plot_curves(conds, primary, p)),
                        ("search.png", lambda p: plot_search(conds, primary, p)),
                        ("differences.png", lambda p: plot_differences(comps, primary, p)),
