@@ -21,6 +21,7 @@ from fastweedout.fields import check, opt
 from fastweedout.masks import MODES
 from fastweedout.model.backend import BN_MODES
 from fastweedout.model.wrn import WideResNet, parse_model_name
+from fastweedout.search.prune_methods import METHOD_NAMES
 from fastweedout.spaces.registry import SPACES
 
 ENGINES_OF = {s: engine_names(s) for s in SPACES}  # mask space -> its engines (auto first)
@@ -29,7 +30,7 @@ _ENGINE_HELP = "; ".join(f"{', '.join(e)} for {s} masks" for s, e in ENGINES_OF.
 STRATEGIES = ("random", "tournament", "evolution")
 SCHEDULES = ("cosine", "step")
 GRANULARITIES = tuple(SPACES)
-PRUNE_METHODS = ("l1", "snip", "grasp", "synflow")
+PRUNE_METHODS = METHOD_NAMES  # the registry's: fastweedout.search.prune_methods
 #: dense: the unmasked parent; given: a mask from a file; throughout: the search runs during training.
 ARMS = ("weedout", "random", "dense", "given", "throughout") + PRUNE_METHODS
 GRID_ARMS = tuple(a for a in ARMS if a != "given")

@@ -102,3 +102,32 @@ def test_during_training_counts_the_engine_auto_chose(tmp_path):
     folded = registry.scoring_flops(model, masks, 16, 8, "folded")["executed"]
     compact = registry.scoring_flops(model, masks, 16, 8, "compact")["executed"]
     assert folded != compact and search["flops_executed"] == search["scorings"] * folded
+
+
+def test_a_pruning_method_is_one_registry_entry(monkeypatch):
+    """prune_at_init, node_scores and the config read the methods from one registry: a method added
+    there works end to end, with no if-chain to extend."""
+    from collections import OrderedDict
+
+    from fastweedout import config as C
+    from fastweedout.masks import sample_masks
+    from fastweedout.model.wrn import WideResNet
+    from fastweedout.search import prune_init as PI
+    from fastweedout.search import prune_methods as PM
+
+    assert C.PRUNE_METHODS == PM.METHOD_NAMES == tuple(PM.PRUNE_METHODS)
+    assert set(C.ARMS) >= set(PM.METHOD_NAMES)
+
+    def by_index(net, fm, x, y, hw, config):  # keeps the highest-indexed nodes of every set
+        return OrderedDict((k, torch.arange(v.numel(), dtype=torch.float64) * v.double().cpu()) for k, v in fm.items())
+
+    monkeypatch.setitem(PM.PRUNE_METHODS, "by_index", PM.PruneMethod("by_index", by_index, "weights", counted=False))
+    net = WideResNet(10, 1, num_classes=10, in_channels=1)
+    mask, info = PI.prune_at_init("by_index", net, 0.5)
+    want = sample_masks(net.node_layers(), 1, 0.5)
+    for k, m in mask.member(0).items():
+        live = int(want.member(0)[k].sum())
+        assert m.tolist() == [False] * (m.numel() - live) + [True] * live
+    assert info["method"] == "by_index" and info["flops"] == 0 and info["rounds"] == 1
+    with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
+        PI.prune_at_init("nope", net, 0.5)

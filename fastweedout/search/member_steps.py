@@ -106,8 +106,11 @@ def _member_chunk(model: WideResNet, masks: Masks, batch: int, size) -> int:
     return max(1, int(budget // max(1, per_member)))
 
 
-def _batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
-                     config: SearchConfig) -> tuple[Tensor, int]:
+def batched_fitness(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
+                    config: SearchConfig) -> tuple[Tensor, int]:
+    """Fitness ``[P]`` after every member's steps, the members trained together (``torch.func.vmap`` over
+    their pruned networks, a chunk of members at a time); returns (fitness, the chunk size). Only for
+    populations whose pruned networks share their shapes (:func:`batched_ok`)."""
     base = model.prune(masks.member(0))  # every member's pruned network has these shapes (batched_ok)
     names = [n for n, _ in base.named_parameters()]
 
@@ -153,16 +156,17 @@ def score_after_steps(model: WideResNet, masks: Masks, images: Tensor, labels: T
         flops += images.shape[0] * forward_flops(net, size)
     if use_batched(model, masks, config):
         engine = "member-steps-batched"
-        fitness, chunk = _batched_fitness(model, masks, images, labels, stream, config)
+        fitness, chunk = batched_fitness(model, masks, images, labels, stream, config)
     else:
-        fitness, chunk, engine = _one_at_a_time(model, masks, images, labels, stream, config), 1, "member-steps"
+        fitness, chunk, engine = one_at_a_time(model, masks, images, labels, stream, config), 1, "member-steps"
     fitness = fitness.float()
     fitness = torch.where(torch.isfinite(fitness), fitness, torch.full_like(fitness, -float("inf")))
     return fitness, {"engine": engine, "chunk_size": chunk}, {"useful": flops, "executed": flops}
 
 
-def _one_at_a_time(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
-                   config: SearchConfig) -> Tensor:
+def one_at_a_time(model: WideResNet, masks: Masks, images: Tensor, labels: Tensor, stream: StepStream,
+                  config: SearchConfig) -> Tensor:
+    """Fitness ``[P]`` after every member's steps, one member trained and scored at a time (the reference)."""
     fit = []
     torch_state = torch.random.get_rng_state()  # dropout draws must not depend on the population order
     try:
@@ -177,4 +181,8 @@ def _one_at_a_time(model: WideResNet, masks: Masks, images: Tensor, labels: Tens
     return torch.cat(fit)
 
 
-__all__ = ["StepStream", "batched_ok", "score_after_steps", "train_member", "use_batched"]
+# the names bench/member_steps.py still imports (until it uses the public ones)
+_batched_fitness, _one_at_a_time = batched_fitness, one_at_a_time
+
+__all__ = ["StepStream", "batched_fitness", "batched_ok", "one_at_a_time", "score_after_steps", "train_member",
+           "use_batched"]

@@ -35,10 +35,9 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fastweedout.config import PRUNE_METHODS, PruneConfig
+from fastweedout.config import PruneConfig
 from fastweedout.cost.flops import counted_flops
 from fastweedout.masks import (
     MODES,
@@ -49,12 +48,9 @@ from fastweedout.masks import (
     layer_sparsities,
     round_half_up,
 )
-from fastweedout.model.backend import MaskedBackend
+from fastweedout.search.prune_methods import METHOD_NAMES, PruneMethod, Scores, get_method
 
-METHODS = PRUNE_METHODS  # ("l1", "snip", "grasp", "synflow")
-DATA_METHODS = ("snip", "grasp")
-
-Scores = OrderedDict[str, Tensor]
+METHODS = METHOD_NAMES
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -141,10 +137,8 @@ def _param(model) -> Tensor:
     return model.stem.weight
 
 
-def _check_method(method) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
-    return method
+def _check_method(method) -> PruneMethod:
+    return get_method(method)
 
 
 def _check_config(config) -> PruneConfig:
@@ -200,72 +194,6 @@ def _float_masks(model, masks, dtype, device) -> OrderedDict[str, Tensor]:
     return OrderedDict((k, fm[k]) for k in model.node_layers())
 
 
-# --------------------------------------------------------------------------------------- scores
-def _l1_sources(model) -> OrderedDict:
-    """The convolution whose filters decide each node set (Li et al. 2017's rule for residual blocks)."""
-    src = OrderedDict([(model.stem_set, model.stem)])
-    for blk in model.blocks():
-        if blk.shortcut is not None:
-            src.setdefault(blk.out_set, blk.shortcut)
-        src.setdefault(blk.inner_set, blk.conv1)
-    return src
-
-
-def _l1(model, fm) -> Scores:
-    src = _l1_sources(model)
-    out = OrderedDict()
-    with torch.no_grad():
-        for name in model.node_layers():
-            norms = src[name].weight.detach().abs().sum(dim=(1, 2, 3)).double()
-            out[name] = norms / norms.mean().clamp_min(torch.finfo(norms.dtype).tiny) * fm[name].double()
-    return out
-
-
-def _grads(out: Tensor, ms: list[Tensor], create_graph: bool = False) -> list[Tensor]:
-    gs = torch.autograd.grad(out, ms, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(m) if g is None else g for g, m in zip(gs, ms)]
-
-
-def _leaves(fm: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
-    return OrderedDict((k, v.detach().clone().requires_grad_(True)) for k, v in fm.items())
-
-
-def _snip(model, fm, x, y, config) -> Scores:
-    m = _leaves(fm)
-    loss = F.cross_entropy(model.walk(MaskedBackend(m, config.bn, False), x), y)
-    gs = _grads(loss, list(m.values()))
-    return OrderedDict((k, (g * v).detach().abs()) for (k, v), g in zip(m.items(), gs))
-
-
-def _grasp(model, fm, x, y, config) -> Scores:
-    m = _leaves(fm)
-    ms = list(m.values())
-    loss = F.cross_entropy(model.walk(MaskedBackend(m, config.bn, False), x) / config.temperature, y)
-    gs = _grads(loss, ms, create_graph=True)
-    z = sum((g * g.detach()).sum() for g in gs)  # g^T g with one factor held fixed: d z / d m = H g
-    hg = _grads(z, ms) if z.requires_grad else [torch.zeros_like(v) for v in ms]
-    return OrderedDict((k, (v * h).detach()) for (k, v), h in zip(m.items(), hg))  # importance = -S(-m)
-
-
-def _linearised(model):
-    """A float64 copy with the absolute value of every parameter and BN statistic (the model is untouched)."""
-    net = copy.deepcopy(model).to(torch.float64)
-    with torch.no_grad():
-        for t in net.state_dict().values():
-            if t.is_floating_point():
-                t.abs_()
-    return net.requires_grad_(False)
-
-
-def _synflow_round(net, fm, hw) -> Scores:
-    p = _param(net)
-    m = _leaves({k: v.to(p.device, torch.float64) for k, v in fm.items()})
-    ones = torch.ones(1, net.in_channels, *hw, dtype=torch.float64, device=p.device)
-    r = net.walk(MaskedBackend(m, "running", False), ones).sum()
-    gs = _grads(r, list(m.values()))
-    return OrderedDict((k, (g * v).detach().abs()) for (k, v), g in zip(m.items(), gs))
-
-
 def node_scores(method: str, model, images: Tensor | None = None, labels: Tensor | None = None, *,
                 config: PruneConfig = PruneConfig(), masks: Mapping[str, Tensor] | Masks | None = None,
                 image_size: int | tuple[int, int] | None = None) -> Scores:
@@ -276,19 +204,23 @@ def node_scores(method: str, model, images: Tensor | None = None, labels: Tensor
     point at which the scores are taken; masked nodes score 0); None: every node live. One scoring
     pass: synflow's iterative rounds are :func:`prune_at_init`'s. The model is left unchanged.
     """
-    _check_method(method)
+    m = _check_method(method)
     _check_model(model)
     config = _check_config(config)
+    x, y, hw = _inputs(m, model, images, labels, config, image_size)
     p = _param(model)
     with torch.enable_grad():
-        if method == "synflow":
-            hw = _image_hw(model, images, image_size)
-            return _synflow_round(_linearised(model), _float_masks(model, masks, torch.float64, p.device), hw)
-        fm = _float_masks(model, masks, p.dtype, p.device)
-        if method == "l1":
-            return _l1(model, fm)
-        x, y = _batch(method, model, images, labels, config)
-        return (_snip if method == "snip" else _grasp)(model, fm, x, y, config)
+        fm = _float_masks(model, masks, torch.float64 if m.float64 else p.dtype, p.device)
+        return m.score(m.prepare(model), fm, x, y, hw, config)
+
+
+def _inputs(m: PruneMethod, model, images, labels, config, image_size):
+    """(x, y, hw): what the method reads, checked (None where it reads nothing of it)."""
+    if m.reads == "batch":
+        return (*_batch(m.name, model, images, labels, config), None)
+    if m.reads == "shape":
+        return None, None, _image_hw(model, images, image_size)
+    return None, None, None
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -308,19 +240,20 @@ def _schedule(node_layers, sparsity, mode, k: int, n: int):
                        for name, s in layer_sparsities(node_layers, sparsity).items())
 
 
-def _select(method, model, sparsity, mode, images, labels, config, g, image_size) -> tuple[Masks, int]:
+def _select(m: PruneMethod, model, sparsity, mode, images, labels, config, g, image_size) -> tuple[Masks, int]:
     layers = model.node_layers()
-    if method != "synflow":
-        return keep_top(layers, node_scores(method, model, images, labels, config=config), sparsity, mode,
-                        generator=g), 1
-    hw = _image_hw(model, images, image_size)
-    net = _linearised(model)
+    if not m.iterative:
+        return keep_top(layers, node_scores(m.name, model, images, labels, config=config, image_size=image_size),
+                        sparsity, mode, generator=g), 1
+    x, y, hw = _inputs(m, model, images, labels, config, image_size)
+    net = m.prepare(model)
+    dtype = torch.float64 if m.float64 else _param(model).dtype
     mask = _dense(layers)
     n = config.iterations
     for k in range(1, n + 1):
         live = mask.member(0)
         with torch.enable_grad():
-            sc = _synflow_round(net, {name: v.double() for name, v in live.items()}, hw)
+            sc = m.score(net, {name: v.to(_param(net).device, dtype) for name, v in live.items()}, x, y, hw, config)
         sc = OrderedDict((name, s.cpu().masked_fill(~live[name], float("-inf"))) for name, s in sc.items())
         mask = keep_top(layers, sc, _schedule(layers, sparsity, mode, k, n), mode, generator=g)
     return mask, n
@@ -333,21 +266,18 @@ def _meta_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def _count(method, model, x_shape, hw, config) -> int:
-    """FlopCounterMode's count of one scoring pass (one synflow round), run on the meta device: the same
+def _count(m: PruneMethod, model, x_shape, hw, config) -> int:
+    """FlopCounterMode's count of one scoring pass (one round), run on the meta device: the same
     operations as the real pass, so the real pass's wall time carries no counting overhead."""
-    if method == "l1":
+    if not m.counted:
         return 0
     meta = _meta_copy(model)
+    dtype = torch.float64 if m.float64 else _param(model).dtype
+    fm = {k: torch.ones(c, dtype=dtype, device="meta") for k, c in model.node_layers().items()}
+    x = torch.empty(x_shape, dtype=dtype, device="meta") if x_shape else None
+    y = torch.zeros(x_shape[0], dtype=torch.long, device="meta") if x_shape else None
     with torch.enable_grad():
-        if method == "synflow":
-            fm = {k: torch.ones(c, dtype=torch.float64, device="meta") for k, c in model.node_layers().items()}
-            return counted_flops(_synflow_round, _linearised(meta), fm, hw)[0]
-        dtype = _param(model).dtype
-        fm = {k: torch.ones(c, dtype=dtype, device="meta") for k, c in model.node_layers().items()}
-        x = torch.empty(x_shape, dtype=dtype, device="meta")
-        y = torch.zeros(x_shape[0], dtype=torch.long, device="meta")
-        return counted_flops(_snip if method == "snip" else _grasp, meta, fm, x, y, config)[0]
+        return counted_flops(m.score, m.prepare(meta), fm, x, y, hw, config)[0]
 
 
 def prune_at_init(method: str, model, sparsity: Sparsity, mode: str = "layerwise", images: Tensor | None = None,
@@ -364,25 +294,22 @@ def prune_at_init(method: str, model, sparsity: Sparsity, mode: str = "layerwise
     The model is left unchanged (parameters, buffers, train/eval mode).
     """
     t0 = time.perf_counter()
-    _check_method(method)
+    m = _check_method(method)
     _check_model(model)
     config = _check_config(config)
     layers = model.node_layers()
     off = off_counts(layers, sparsity, mode)
     g = as_generator(generator)
-    x_shape, hw = None, None
-    if method in DATA_METHODS:  # validate before any work
-        x_shape = tuple(_batch(method, model, images, labels, config)[0].shape)
-    elif method == "synflow":
-        hw = _image_hw(model, images, image_size)
+    x, _, hw = _inputs(m, model, images, labels, config, image_size)  # validated before any work
+    x_shape = tuple(x.shape) if x is not None else None
     if (off if isinstance(off, int) else sum(off.values())) == 0:
         mask, rounds = _dense(layers), 0
     else:
-        mask, rounds = _select(method, model, sparsity, mode, images, labels, config, g, image_size)
+        mask, rounds = _select(m, model, sparsity, mode, images, labels, config, g, image_size)
     wall = time.perf_counter() - t0
-    flops = rounds * _count(method, model, x_shape, hw, config) if rounds else 0
+    flops = rounds * _count(m, model, x_shape, hw, config) if rounds else 0
     info = dict(method=method, flops=int(flops), wall_s=wall, images=x_shape[0] if x_shape else 0, rounds=rounds)
     return mask, info
 
 
-__all__ = ["DATA_METHODS", "METHODS", "PruneConfig", "keep_top", "node_scores", "off_counts", "prune_at_init"]
+__all__ = ["METHODS", "PruneConfig", "keep_top", "node_scores", "off_counts", "prune_at_init"]
