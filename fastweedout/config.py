@@ -22,12 +22,13 @@ from fastweedout.masks import MODES
 from fastweedout.model.backend import BN_MODES
 from fastweedout.model.wrn import WideResNet, parse_model_name
 from fastweedout.search.prune_methods import METHOD_NAMES
+from fastweedout.search.strategies import STRATEGY_NAMES
 from fastweedout.spaces.registry import SPACES
 
 ENGINES_OF = {s: engine_names(s) for s in SPACES}  # mask space -> its engines (auto first)
 ENGINES, WEIGHT_ENGINES = ENGINES_OF["node"], ENGINES_OF["weight"]
 _ENGINE_HELP = "; ".join(f"{', '.join(e)} for {s} masks" for s, e in ENGINES_OF.items())
-STRATEGIES = ("random", "tournament", "evolution")
+STRATEGIES = STRATEGY_NAMES  # the registry's: fastweedout.search.strategies
 SCHEDULES = ("cosine", "step")
 GRANULARITIES = tuple(SPACES)
 PRUNE_METHODS = METHOD_NAMES  # the registry's: fastweedout.search.prune_methods

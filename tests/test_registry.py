@@ -131,3 +131,25 @@ def test_a_pruning_method_is_one_registry_entry(monkeypatch):
     assert info["method"] == "by_index" and info["flops"] == 0 and info["rounds"] == 1
     with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
         PI.prune_at_init("nope", net, 0.5)
+
+
+def test_a_strategy_is_one_registry_entry(monkeypatch):
+    from fastweedout import config as C
+    from fastweedout.masks import sample_masks
+    from fastweedout.search import strategies as ST
+
+    assert C.STRATEGIES == ST.STRATEGY_NAMES == tuple(ST.STRATEGIES)
+    pop = sample_masks({"a": 8, "b": 4}, 5, 0.5, generator=0)
+    fit = torch.arange(5.0)
+    monkeypatch.setitem(ST.STRATEGIES, "clone_best", lambda pop, fit, n, fresh, rate, g: clone_best(pop, fit, n))
+    new = ST.next_generation("clone_best", pop, fit, 3, None, 0.1, torch.Generator().manual_seed(0))
+    assert all(torch.equal(new[k], pop[k][4:5].repeat(3, 1)) for k in pop)
+    assert ST.next_generation("random", pop, fit, 0, None, 0.1, torch.Generator()) is None
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        ST.next_generation("nope", pop, fit, 3, None, 0.1, torch.Generator())
+
+
+def clone_best(pop, fitness, n):
+    from fastweedout.masks import Masks
+
+    return Masks.cat([pop.select(int(fitness.argmax()))] * n)

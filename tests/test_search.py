@@ -148,7 +148,7 @@ def test_mutation_strategies_keep_sparsity_and_elite(strategy):
 
 
 def test_mutate_swaps_within_layers():
-    from fastweedout.search.weedout import mutate
+    from fastweedout.search.strategies import mutate
     m = fw.WideResNet(10, 2)
     parent = fw.sample_masks(m, 1, 0.5, generator=0)
     kids = mutate(parent, 4, 0.25, torch.Generator().manual_seed(0))
@@ -194,9 +194,9 @@ def test_member_steps_batched_equals_one_member_at_a_time(metric):
     global masks (members of different shapes), running BN and dropout take the one-at-a-time path."""
     from fastweedout.search.member_steps import (
         StepStream,
-        _batched_fitness,
-        _one_at_a_time,
+        batched_fitness,
         batched_ok,
+        one_at_a_time,
         score_after_steps,
         use_batched,
     )
@@ -210,8 +210,8 @@ def test_member_steps_batched_equals_one_member_at_a_time(metric):
     for sparsity in (0.0, 0.4, 0.9):  # all live, some, a single live channel in the narrow node sets
         pop = fw.sample_masks(m, 5, sparsity, generator=3)
         assert batched_ok(m, pop, cfg) and not use_batched(m, pop, cfg)  # eligible; on a CPU the loop is faster
-        batched, _ = _batched_fitness(m, pop, x, y, stream, cfg)
-        alone = _one_at_a_time(m, pop, x, y, stream, cfg)
+        batched, _ = batched_fitness(m, pop, x, y, stream, cfg)
+        alone = one_at_a_time(m, pop, x, y, stream, cfg)
         assert torch.allclose(batched, alone, rtol=1e-4, atol=1e-5), (sparsity, batched, alone)
     glob = fw.sample_masks(m, 4, 0.5, mode="global", generator=0)
     assert not glob.is_uniform() and not batched_ok(m, glob, cfg)
@@ -224,7 +224,7 @@ def test_member_steps_batched_equals_one_member_at_a_time(metric):
 @pytest.mark.gpu
 def test_member_steps_batched_on_gpu():
     """On a GPU the stacked path runs by default and agrees with training each member alone (tf32)."""
-    from fastweedout.search.member_steps import StepStream, _one_at_a_time, score_after_steps
+    from fastweedout.search.member_steps import StepStream, one_at_a_time, score_after_steps
     from tolerances import GPU_LOGITS_TOL
 
     data = fw.load_dataset("synthetic", synthetic=dict(train_size=96, test_size=16, val_size=32, image_size=8))
@@ -238,4 +238,4 @@ def test_member_steps_batched_on_gpu():
     fit, info, _ = score_after_steps(m, pop, x, y, stream, cfg)
     assert info["engine"] == "member-steps-batched"
     atol, rtol = GPU_LOGITS_TOL["tf32"]
-    assert torch.allclose(fit, _one_at_a_time(m, pop, x, y, stream, cfg).float(), atol=atol, rtol=rtol)
+    assert torch.allclose(fit, one_at_a_time(m, pop, x, y, stream, cfg).float(), atol=atol, rtol=rtol)

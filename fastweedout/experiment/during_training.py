@@ -29,7 +29,7 @@ from fastweedout.experiment.runs import RunDir
 from fastweedout.experiment.stages import RunOutcome, derive_seed, evaluate_mask, train_run, validation_parts
 from fastweedout.masks import Masks, sample_masks
 from fastweedout.model.wrn import WideResNet
-from fastweedout.search.weedout import next_generation
+from fastweedout.search.strategies import next_generation
 from fastweedout.training.loop import TrainCallbacks, evaluate, train
 
 RECALIBRATION_IMAGES = 2048

@@ -1,5 +1,5 @@
-"""The Weedout phase: Random Search with elitism over masks (the paper's Algorithm 1), and the
-tournament / evolution strategies.
+"""The Weedout phase: Random Search with elitism over masks (the paper's Algorithm 1); how each next
+generation is drawn (random, tournament, evolution) is :mod:`fastweedout.search.strategies`'.
 
 A mask population is a :class:`fastweedout.masks.Masks` over a *space*: the model's node sets
 (``granularity="node"``, structured) or its weight tensors (``"weight"``, unstructured, see
@@ -24,44 +24,8 @@ from fastweedout.engines.scoring import check_batch, score
 from fastweedout.masks import MODES, Masks, Sparsity, layer_sparsities, sample_masks
 from fastweedout.model.wrn import WideResNet
 from fastweedout.search.member_steps import StepStream, score_after_steps
+from fastweedout.search.strategies import next_generation
 from fastweedout.spaces.registry import get_space
-
-EVOLUTION_TOP = 0.2  # truncation selection: parents come from the fittest 20%
-
-
-def mutate(parent: Masks, n: int, rate: float, g: torch.Generator) -> Masks:
-    """``n`` children of a one-member ``parent``: in every set, swap about ``rate`` of the switched-off
-    entries with live ones (at least one swap where both exist), so every set keeps its live count."""
-    out = {}
-    for name, m in parent.items():
-        m = m[0]
-        live, dead = m.nonzero().flatten(), (~m).nonzero().flatten()
-        k = min(len(live), len(dead), max(1, round(rate * len(dead)))) if len(dead) and len(live) else 0
-        rows = m.repeat(n, 1)
-        if k:
-            on = dead[torch.rand(n, len(dead), generator=g).argsort(1)[:, :k]]
-            off = live[torch.rand(n, len(live), generator=g).argsort(1)[:, :k]]
-            rows.scatter_(1, on, True)
-            rows.scatter_(1, off, False)
-        out[name] = rows
-    return Masks(out)
-
-
-def next_generation(strategy: str, pop: Masks, fitness: Tensor, n_new: int, fresh, rate: float,
-                    g: torch.Generator) -> Masks | None:
-    """The ``n_new`` members that join the elite in the next generation."""
-    if n_new == 0:
-        return None
-    if strategy == "random":
-        return fresh(n_new)
-    p = pop.population
-    if strategy == "tournament":  # binary tournaments: the fitter of two random members is a parent
-        a, b = torch.randint(p, (n_new,), generator=g), torch.randint(p, (n_new,), generator=g)
-        parents = torch.where(fitness[a] >= fitness[b], a, b)
-    else:  # evolution: parents drawn uniformly from the top EVOLUTION_TOP
-        top = fitness.argsort(descending=True)[:max(1, int(round(EVOLUTION_TOP * p)))]
-        parents = top[torch.randint(len(top), (n_new,), generator=g)]
-    return Masks.cat([mutate(pop.select(int(i)), 1, rate, g) for i in parents.tolist()])
 
 
 @dataclass
@@ -210,4 +174,4 @@ def random_mask(model: WideResNet, sparsity: Sparsity, mode: str = "layerwise", 
     return get_space(granularity).sample(model, 1, sparsity, mode, torch.Generator().manual_seed(seed))
 
 
-__all__ = ["EVOLUTION_TOP", "SearchResult", "mutate", "next_generation", "random_mask", "random_search"]
+__all__ = ["SearchResult", "random_mask", "random_search"]
