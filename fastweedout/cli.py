@@ -18,7 +18,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from fastweedout import atomic, flags
+from fastweedout import __version__, atomic, flags
 from fastweedout.config import (
     GRID_ARMS,
     PRUNE_METHODS,
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Weedout: Random Search for sparse Wide ResNets (Farahani 2024), with "
                      "fast population scoring, per-phase compute accounting and resumable experiments.",
                      epilog="Run `fastweedout COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def runtime(p, **defaults):
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the network pruned to a mask file's mask (from `search` or a run "
                        "directory's mask.pt), or the dense network without --mask.")
     _add_run_fields(p, top=("seed",), sections=("training",))
+    for a in p._actions:  # absent unless given (in any spelling: --seed 5, --seed=5, an abbreviation)
+        if a.dest == "seed":
+            a.default = argparse.SUPPRESS
+            a.help = a.help.rsplit(" (default:", 1)[0] + " (default: the mask file's seed; 0 without --mask)"
     p.add_argument("--mask", metavar="FILE", help="mask file (default: the dense network)")
     runtime(p)
 
@@ -201,7 +206,7 @@ def cmd_train(args, rt: Runtime) -> int:
         if meta.get("dataset") not in (None, vals["data.name"]):
             warnings.warn(f"the mask in {args.mask} was chosen on dataset {meta['dataset']}; training it on "
                           f"{vals['data.name']}", RuntimeWarning, stacklevel=1)
-        seed = vals["seed"] if args._seed_given else int(meta.get("seed", 0))
+        seed = vals["seed"] if "seed" in vals else int(meta.get("seed", 0))
         base = build_run_config({**vals, "arm": "dense", "sparsity": 0.0, "seed": seed})
         cfg = given_config(mask, data=base.data, model=base.model, seed=seed, training=base.training)
     else:
@@ -363,7 +368,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return 2
-        args._seed_given = "--seed" in argv
         rt = flags.runtime_of(args) if args.command != "report" else None
         if rt is not None:  # once: the device, the threads, deterministic kernels
             from fastweedout.experiment.runtime import resolve_runtime

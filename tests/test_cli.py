@@ -209,3 +209,40 @@ def test_search_strategy_flag(tmp_path, capsys):
     assert main(base + ["--strategy", "evolution"]) == 0
     assert main(base + ["--strategy", "annealing"]) == 2
     assert "annealing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed_args, expected", [(["--seed", "5"], 5), (["--seed=5"], 5), (["--see", "5"], 5),
+                                                 ([], 3)])
+def test_train_seed_in_any_spelling_reaches_the_config(seed_args, expected, tmp_path, monkeypatch, capsys):
+    """`train --mask`: a seed given in any spelling argparse accepts wins over the mask file's seed
+    (3 here); without one the file's seed is used. Also for the dense network."""
+    import fastweedout as fw
+    from fastweedout.experiment import pipeline
+
+    seen = []
+
+    def fake_execute_run(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(pipeline, "execute_run", fake_execute_run)
+    model = fw.create_model("wrn_10_1", num_classes=10, in_channels=1)
+    fw.sample_masks(model, population=1, sparsity=0.5, generator=0).save(tmp_path / "m.pt", model="wrn_10_1", seed=3)
+    res = str(tmp_path / "res")
+    assert main(["train", *DATA, *TRAIN, "--mask", str(tmp_path / "m.pt"), *seed_args, "--results", res]) == 130
+    assert main(["train", *DATA, *TRAIN, *seed_args, "--results", res]) == 130
+    assert [c.seed for c in seen] == [expected, 0 if not seed_args else expected]
+
+
+def test_one_version_pyproject_takes_it_from_the_package(capsys):
+    """The version lives in fastweedout.__version__ only: pyproject declares it dynamic, read from there."""
+    import fastweedout
+
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastweedout.__version__"}
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastweedout {fastweedout.__version__}"

@@ -148,7 +148,7 @@ def test_claim_is_exclusive_reentrant_and_respects_done(tmp_path):
     D.release(d)
     assert D.claim_owner(d) is None
     # a live process's claim (here: this test's parent process) is respected
-    _write_claim(d, pid=os.getppid(), start=D._proc_start(os.getppid()))
+    _write_claim(d, pid=os.getppid(), start=D.proc_start(os.getppid()))
     assert not D.claim(d)
     os.unlink(d / D.CLAIM_NAME)
     (d / D.DONE_NAME).write_text("{}")

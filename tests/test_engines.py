@@ -21,8 +21,8 @@ from tolerances import GPU_LOGITS_TOL, TOL
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 try:
-    from fastweedout.ops.triton import _common
-    KERNELS = _common.INTERPRET or torch.cuda.is_available()
+    from fastweedout.ops.triton import common
+    KERNELS = common.INTERPRET or torch.cuda.is_available()
 except ImportError:  # pragma: no cover - no Triton
     KERNELS = False
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")

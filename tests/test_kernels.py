@@ -13,22 +13,22 @@ from fastweedout.ops import reference as ref
 
 bn_act = pytest.importorskip("fastweedout.ops.triton.bn_act")
 gconv = pytest.importorskip("fastweedout.ops.triton.grouped_conv")
-from fastweedout.ops.triton import _common, _conv, bn_act_backward, bn_stats  # noqa: E402
+from fastweedout.ops.triton import _conv, bn_act_backward, bn_stats, common  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if not (_common.INTERPRET or torch.cuda.is_available()):
+if not (common.INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 # (atol, rtol) against the float64 reference. fp32 on a GPU: tl.dot is tf32 (as cuDNN by default).
 FWD_TOL = {
-    torch.float32: (1e-4, 1e-4) if _common.INTERPRET else (2e-2, 1e-2),
+    torch.float32: (1e-4, 1e-4) if common.INTERPRET else (2e-2, 1e-2),
     torch.float16: (2e-2, 1e-2),
 }
 BWD_TOL = {  # gradients sum over B*H*W values
-    torch.float32: (2e-4, 1e-3) if _common.INTERPRET else (5e-2, 2e-2),
+    torch.float32: (2e-4, 1e-3) if common.INTERPRET else (5e-2, 2e-2),
     torch.float16: (5e-2, 2e-2),
 }
-if not _common.INTERPRET:  # the interpreter has no bf16 arithmetic (triton#4972); a GPU does
+if not common.INTERPRET:  # the interpreter has no bf16 arithmetic (triton#4972); a GPU does
     FWD_TOL[torch.bfloat16] = (1e-1, 5e-2)
     BWD_TOL[torch.bfloat16] = (2e-1, 5e-2)
 DTYPES = list(FWD_TOL)

@@ -20,16 +20,16 @@ from fastweedout.ops import dispatch as ops
 from fastweedout.ops import reference as ref
 
 pytest.importorskip("triton")
-from fastweedout.ops.triton import _common, _conv, bn_act, bn_act_backward, bn_stats, grouped_conv
+from fastweedout.ops.triton import _conv, bn_act, bn_act_backward, bn_stats, common, grouped_conv
 from fastweedout.ops.triton import fused_conv as conv_block
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if not (_common.INTERPRET or torch.cuda.is_available()):
+if not (common.INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 # (atol, rtol) against the float64 reference; fp32 on a GPU runs tl.dot as tf32
-TOL = {torch.float32: (1e-4, 1e-4) if _common.INTERPRET else (2e-2, 1e-2), torch.float16: (2e-2, 1e-2)}
-if not _common.INTERPRET:
+TOL = {torch.float32: (1e-4, 1e-4) if common.INTERPRET else (2e-2, 1e-2), torch.float16: (2e-2, 1e-2)}
+if not common.INTERPRET:
     TOL[torch.bfloat16] = (1e-1, 5e-2)
 CL = torch.channels_last
 
@@ -193,7 +193,7 @@ def test_statistics_merge_in_two_parallel_levels(monkeypatch):
     v_own, m_own = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     _close(mean, m_own, (1e-3, 1e-5))
     _close(var, v_own, (1e-3, 1e-4))
-    if _common.INTERPRET:  # fp32 arithmetic: also the float64 reference's own statistics
+    if common.INTERPRET:  # fp32 arithmetic: also the float64 reference's own statistics
         _close(mean, mr, (1e-3, 1e-5))
         _close(var, vr, (1e-3, 1e-4))
     log.clear()
@@ -208,7 +208,7 @@ def test_statistics_merge_in_two_parallel_levels(monkeypatch):
 def test_config_tuner_is_safe():
     from triton.runtime.errors import OutOfResources
 
-    t = _common.ConfigTuner()
+    t = common.ConfigTuner()
     times = {(1,): 3.0, (2,): 1.0, (3,): 2.0}
     built = []
 

@@ -10,13 +10,13 @@ from fastweedout.ops import dispatch as ops
 from fastweedout.ops import reference as ref
 
 pytest.importorskip("triton")
-from fastweedout.ops.triton import _common
+from fastweedout.ops.triton import common
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if not (_common.INTERPRET or torch.cuda.is_available()):
+if not (common.INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-TOL = dict(atol=1e-4, rtol=1e-4) if _common.INTERPRET else dict(atol=2e-2, rtol=1e-2)  # fp32 (tf32 on GPU)
+TOL = dict(atol=1e-4, rtol=1e-4) if common.INTERPRET else dict(atol=2e-2, rtol=1e-2)  # fp32 (tf32 on GPU)
 
 
 def _bn_args(running: bool):
@@ -104,7 +104,7 @@ def test_env_switch_and_context_override(monkeypatch):
     assert ops.kernels_active(x) == (DEV == "cuda")  # auto: CUDA only
 
 
-@pytest.mark.skipif(not _common.INTERPRET, reason="interpreter-only fallback")
+@pytest.mark.skipif(not common.INTERPRET, reason="interpreter-only fallback")
 def test_bf16_under_interpreter_falls_back(monkeypatch):
     args = list(_bn_args(False))
     args[0] = args[0].bfloat16()
@@ -149,7 +149,7 @@ def test_engines_with_kernels_match_loop(engine, bn):
         expected = scoring.population_logits(model, masks, images, "loop", bn)
     with ops.use_kernels(True):
         got = scoring.population_logits(model, masks, images, engine, bn)
-    torch.testing.assert_close(got, expected, atol=2e-4 if _common.INTERPRET else 5e-2, rtol=1e-3)
+    torch.testing.assert_close(got, expected, atol=2e-4 if common.INTERPRET else 5e-2, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------

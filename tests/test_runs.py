@@ -238,6 +238,51 @@ def test_records_stay_in_order_whatever_order_they_are_written_in(tmp_path):
                    ("final", "training", None)]
 
 
+_CREATOR = """
+import os, sys, tempfile
+from fastweedout.experiment import runs
+d = tempfile.mkdtemp(prefix=runs.creation_prefix(sys.argv[2]), suffix=".tmp", dir=sys.argv[1])  # as RunDir.open
+print(os.path.basename(d), flush=True)
+if sys.argv[3] == "kill":
+    os._exit(137)  # killed before the rename: no clean-up runs
+sys.stdin.read()  # alive until told to go
+"""
+
+
+def _creator(results, target, how):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _CREATOR, str(results), target, how], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    return p, results / p.stdout.readline().strip()
+
+
+def test_a_kill_while_creating_a_run_dir_leaves_nothing_after_an_immediate_rerun(tmp_path):
+    """A kill between the hidden temporary directory and its rename, then the same command at once:
+    the dead creator's temporary is removed (and one without a creator in its name once its run
+    directory exists); a live creator's is kept until it is gone."""
+    cfg = base_config()
+    target = runs.run_dir_name(cfg.name, runs.to_jsonable(cfg))
+    killed, dead = _creator(tmp_path, target, "kill")
+    assert killed.wait(timeout=60) == 137 and dead.is_dir()
+    unnamed = tmp_path / f".{target}.abc123.tmp"  # an older version's name: no creator in it
+    unnamed.mkdir()
+    live, alive = _creator(tmp_path, target, "wait")
+    other, other_alive = _creator(tmp_path, "other-run-0123456789ab", "wait")
+    try:
+        runs.check_results_dir(tmp_path)  # the rerun: the results directory, then the run directory
+        assert not dead.exists() and unnamed.exists() and alive.exists() and other_alive.exists()
+        rd = RunDir.open(tmp_path, cfg.name, cfg)
+        assert rd.name == target and os.path.exists(rd.file(runs.CONFIG_NAME))
+        assert not unnamed.exists() and alive.exists() and other_alive.exists()
+    finally:
+        live.communicate("", timeout=60)
+        other.communicate("", timeout=60)
+    runs.check_results_dir(tmp_path)  # their creators are gone now
+    assert sorted(os.listdir(tmp_path)) == [target]
+
+
 def test_stale_creations_and_finished_runs_are_tidied(tmp_path):
     cfg = base_config()
     rd = RunDir.open(tmp_path, cfg.name, cfg)

@@ -47,7 +47,7 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (None where /proc is unavailable)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -56,7 +56,9 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int, start: str | None) -> bool:
+def pid_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` of this machine and pid namespace still runs (not a zombie; with
+    ``start``, :func:`proc_start` of the process meant, also not a reuse of its pid by another)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,10 +77,19 @@ def _pid_alive(pid: int, start: str | None) -> bool:
     return True
 
 
+def machine_token() -> str:
+    """A short hex token of this host, boot and pid namespace: the processes whose pids
+    :func:`pid_alive` can check are those recorded with the same token."""
+    import hashlib
+
+    key = f"{socket.gethostname()}/{_boot_id()}/{_pid_namespace()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 def _me() -> dict:
     rank, size = env_world()
     return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace(), "pid": os.getpid(),
-            "start": _proc_start(os.getpid()), "rank": rank, "world_size": size, "time": time.time()}
+            "start": proc_start(os.getpid()), "rank": rank, "world_size": size, "time": time.time()}
 
 
 def _claim_path(run_dir) -> str:
@@ -116,7 +127,7 @@ def _stale(path: str, text: str, stale_after: float | None) -> bool:
         return age > _BREAK_GUARD_STALE_S
     me = _me()
     if all(owner.get(k) == me[k] for k in ("host", "boot_id", "pid_ns")):  # pids we can see: check it
-        return not _pid_alive(int(owner.get("pid", -1)), owner.get("start"))
+        return not pid_alive(int(owner.get("pid", -1)), owner.get("start"))
     return stale_after is not None and age > stale_after
 
 
@@ -256,4 +267,5 @@ def pending(run_dirs: Iterable[str], done: str | Callable[[str], bool] = DONE_NA
     return [d for d in run_dirs if not _is_done(os.fspath(d), done)]
 
 
-__all__ = ["CLAIM_NAME", "claim", "claim_owner", "claimed", "grid_for_rank", "order_for_rank", "pending", "release"]
+__all__ = ["CLAIM_NAME", "claim", "claim_owner", "claimed", "grid_for_rank", "machine_token", "order_for_rank",
+           "pending", "pid_alive", "proc_start", "release"]

@@ -80,7 +80,7 @@ def execute_run(cfg: RunConfig, results: str | os.PathLike, runtime: Runtime | R
         try:
             rd.records()
         except RunError as e:  # every record is re-derived below from the checkpoints and mask.pt
-            checkpoint._set_aside(rd.results_path, f"is corrupt ({e})")
+            checkpoint.set_aside(rd.results_path, f"is corrupt ({e})")
         initial = build_model(cfg, data, device)
         model = initial
         if cfg.pretrain_steps:

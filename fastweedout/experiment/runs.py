@@ -36,6 +36,7 @@ from fastweedout.atomic import (
     default_mode,
     fsync_dir,
 )
+from fastweedout.experiment import claims
 from fastweedout.experiment.records import (
     RunError,
     clean_json,
@@ -127,22 +128,42 @@ def check_results_dir(path: str | os.PathLike, *, create: bool = True, verify_ru
     return path
 
 
-_CREATING = re.compile(rf"^\.(?P<target>.+-[0-9a-f]{{{HASH_CHARS}}})\.[^.]+\.tmp$")
+# .<run dir>.<machine>+<pid>+<start>+XXXX.tmp: a run directory being created, by the process named
+# (fastweedout.experiment.claims: machine token, pid, start time); .<run dir>.XXXX.tmp: the same, of old
+_CREATING = re.compile(rf"^\.(?P<target>.+-[0-9a-f]{{{HASH_CHARS}}})\."
+                       r"(?:(?P<machine>[0-9a-f]{10})\+(?P<pid>\d+)\+(?P<start>\d*)\+)?[^.]+\.tmp$")
 _CREATION_STALE_S = 60.0  # creating a run directory takes milliseconds
 
 
-def remove_stale_creations(results: str) -> list[str]:
-    """Remove the temporary directories of run directories being created that a kill left behind:
-    those whose run directory exists by now, or older than a minute."""
+def creation_prefix(run_dir_name: str) -> str:
+    """The name of the temporary directory this process creates ``run_dir_name`` in, but for
+    :func:`tempfile.mkdtemp`'s random part and the ``.tmp`` suffix."""
+    start = claims.proc_start(os.getpid()) or ""
+    return f".{run_dir_name}.{claims.machine_token()}+{os.getpid()}+{start}+"
+
+
+def _creation_stale(results: str, m: re.Match, path: str) -> bool:
+    if m.group("pid") is not None and m.group("machine") == claims.machine_token():
+        # a creator on this machine: stale exactly when it is dead (a live one removes its own)
+        return not claims.pid_alive(int(m.group("pid")), m.group("start") or None)
+    # another machine's (or an unnamed) creator: stale once its run directory exists, or after a minute
+    return os.path.isdir(os.path.join(results, m.group("target"))) or \
+        time.time() - os.stat(path).st_mtime > _CREATION_STALE_S
+
+
+def remove_stale_creations(results: str, target: str | None = None) -> list[str]:
+    """Remove the temporary directories of run directories being created that a kill left behind
+    (those of ``target`` only, when given): on this machine, those whose creator is dead; from
+    another machine (or without a creator in the name), those whose run directory exists by now,
+    or older than a minute."""
     removed = []
     for entry in os.listdir(results):
         m = _CREATING.match(entry)
         d = os.path.join(results, entry)
-        if m is None or not os.path.isdir(d):
+        if m is None or (target is not None and m.group("target") != target) or not os.path.isdir(d):
             continue
         try:
-            stale = os.path.isdir(os.path.join(results, m.group("target"))) or \
-                time.time() - os.stat(d).st_mtime > _CREATION_STALE_S
+            stale = _creation_stale(results, m, d)
         except FileNotFoundError:
             continue
         if stale:
@@ -223,20 +244,23 @@ class RunDir:
         if not create:
             raise RunError(f"no run directory {path}")
         os.makedirs(results, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=results)
+        tmp = tempfile.mkdtemp(prefix=creation_prefix(os.path.basename(path)), suffix=".tmp", dir=results)
         try:
             default_mode(tmp, directory=True)
             atomic_write_json(os.path.join(tmp, CONFIG_NAME), cfg)
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if not os.path.isdir(path):  # lost a race with another process creating the same run: fine
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(path):
+                raise
+            # lost a race with another process creating the same run (which may have tidied our temporary)
+            return cls.open(results, name, config, create=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(results)
+        # what a kill left while this run directory was being created (its creator is dead, or the directory is here)
+        remove_stale_creations(results, os.path.basename(path))
         return cls(path, cfg)
 
     # paths

@@ -167,7 +167,7 @@ def pretrain(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, runti
                 model.load_state_dict(st["model"])
                 return model, st["phase"]
         except Exception as e:  # noqa: BLE001 - a damaged file is recomputed
-            checkpoint._set_aside(path, f"is unreadable ({e})")
+            checkpoint.set_aside(path, f"is unreadable ({e})")
     res = train(model, None, data, cfg.training, seed=derive_seed(cfg.seed, "train"),
                 device=str(model.stem.weight.device), max_steps=cfg.pretrain_steps, progress=False)
     if res.steps < cfg.pretrain_steps:
@@ -192,7 +192,7 @@ def choose_mask(rd: RunDir, cfg: RunConfig, model: WideResNet, data: Dataset, ru
                 return m, m.meta
         except (ValueError, OSError):
             pass
-        checkpoint._set_aside(rd.mask_path, "was not this run's mask")
+        checkpoint.set_aside(rd.mask_path, "was not this run's mask")
     (ex, ey), (sx, sy) = validation_parts(data)
     mask_seed = derive_seed(cfg.seed, "mask")
     selection = dict(type="phase", phase="search", wall_s=0.0, flops=0, flops_executed=0)

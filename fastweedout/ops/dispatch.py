@@ -77,8 +77,8 @@ def _kernels():
     global _kernels_mod
     if _kernels_mod is None:
         try:
-            from fastweedout.ops.triton import _common, bn_act, fused_conv, grouped_conv
-            _kernels_mod = SimpleNamespace(common=_common, bn_act=bn_act, grouped_conv=grouped_conv,
+            from fastweedout.ops.triton import bn_act, common, fused_conv, grouped_conv
+            _kernels_mod = SimpleNamespace(common=common, bn_act=bn_act, grouped_conv=grouped_conv,
                                            fused_conv=fused_conv)
         except Exception as e:  # no Triton, or a Triton that cannot load here
             _kernels_mod = e

@@ -92,8 +92,10 @@ def batched_ok(model: WideResNet, masks: Masks, config: SearchConfig) -> bool:
 
 def use_batched(model: WideResNet, masks: Masks, config: SearchConfig) -> bool:
     """Batched on a GPU, where a member's small steps are bound by kernel launches. On a CPU one member
-    at a time is faster: the grouped convolutions vmap turns the chunk into run at half the rate of
-    the members' own dense ones (``python -m bench member-steps``: 0.47x at eta 0.4, 0.62x at 0.8)."""
+    at a time is faster: vmap turns each convolution over the chunk into a grouped convolution, which
+    oneDNN runs at a lower rate than the members' own dense ones (measured by ``python -m bench
+    member-steps``: bench/results/member_steps.jsonl, discussed in bench/results/NOTES.md, "Weedout
+    after K steps per member")."""
     return next(model.parameters()).device.type == "cuda" and batched_ok(model, masks, config)
 
 

@@ -79,7 +79,9 @@ def _check_identity(path: str, state: dict, identity: Mapping, mask) -> None:
                          "directory or delete it")
 
 
-def _set_aside(path: str, why: str) -> str:
+def set_aside(path: str, why: str) -> str:
+    """Move a damaged file out of the way (to ``PATH.corrupt-STAMP``, never over an earlier one) with a
+    warning saying why; returns where it went."""
     dst = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
     while os.path.exists(dst):  # never overwrite an earlier one: it may be the evidence someone needs
@@ -100,14 +102,14 @@ def load(directory: str | os.PathLike, identity: Mapping, mask: Mapping[str, Ten
         try:
             state = _read(path)
         except ValueError as e:
-            _set_aside(path, f"is damaged ({e})")
+            set_aside(path, f"is damaged ({e})")
     if state is None and os.path.exists(prev):
         try:
             state = _read(prev)
             warnings.warn(f"resuming from the copy of the last good checkpoint {prev}", RuntimeWarning, stacklevel=2)
             atomic_copy(prev, path)
         except ValueError as e:
-            _set_aside(prev, f"is damaged ({e})")
+            set_aside(prev, f"is damaged ({e})")
             state = None
     if state is None:
         return None
@@ -129,4 +131,4 @@ def finish(directory: str | os.PathLike) -> None:
         os.unlink(prev)
 
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "PREV_NAME", "finish", "load", "save", "to_cpu"]
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "PREV_NAME", "finish", "load", "save", "set_aside", "to_cpu"]

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastweedout.ops.triton._common import (
+from fastweedout.ops.triton.common import (
     INTERPRET,
     ConfigTuner,
     acc_dtype,

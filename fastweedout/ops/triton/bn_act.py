@@ -26,7 +26,8 @@ from torch import Tensor
 
 from fastweedout.ops import reference as ref
 from fastweedout.ops.triton import bn_act_backward as bwd
-from fastweedout.ops.triton._common import (
+from fastweedout.ops.triton.bn_stats import WARPS, batch_stats, check, param, tile_offsets, tiles, view3
+from fastweedout.ops.triton.common import (
     acc_dtype,
     as_layout,
     cdiv,
@@ -37,7 +38,6 @@ from fastweedout.ops.triton._common import (
     scale_shift,
     stat_dtype,
 )
-from fastweedout.ops.triton.bn_stats import WARPS, batch_stats, check, param, tile_offsets, tiles, view3
 
 __all__ = ["population_bn_act", "population_bn_act_forward", "apply_bn_act", "param", "reference"]
 

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastweedout.ops.triton._common import (
+from fastweedout.ops.triton.bn_stats import WARPS, check, param, row_split, tile_offsets, tiles, view3
+from fastweedout.ops.triton.common import (
     acc_dtype,
     as_layout,
     cdiv,
@@ -24,7 +25,6 @@ from fastweedout.ops.triton._common import (
     scale_shift,
     stat_dtype,
 )
-from fastweedout.ops.triton.bn_stats import WARPS, check, param, row_split, tile_offsets, tiles, view3
 
 __all__ = ["population_bn_act_backward", "population_bn_act_backward_op"]
 

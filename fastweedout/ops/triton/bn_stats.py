@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastweedout.ops.triton._common import (
+from fastweedout.ops.triton.common import (
     INTERPRET,
     acc_dtype,
     cdiv,
@@ -206,8 +206,9 @@ def stats_partials(x: Tensor, members: int) -> tuple[Tensor, Tensor, Tensor]:
     """(count, mean, M2) partials ``[P, T, C]`` of x's per-member channels (x non-empty)."""
     R, C, S, sp, sr, sc, ss, cl = view3(x, members)
     BR, BC, BS = tiles(R, C, S, cl)
-    # Streaming programs: several waves of them keep enough loads in flight (4 per SM, one wave,
-    # left the H200 at 6-10% of copy bandwidth with two block reductions per tile).
+    # Streaming programs: several waves of them keep enough loads in flight; one wave (4 per SM) with
+    # two block reductions per tile was latency-bound, far below a device copy (bench/results/NOTES.md,
+    # "Epilogues against a device copy"; the measurements in bench/results/kernels.jsonl).
     T, chunk = row_split(x, members, R, C, BR, BC, per_sm=STATS_PROGRAMS_PER_SM)
     sdt = stat_dtype(x.dtype)
     cnt = torch.empty((members, T, C), dtype=sdt, device=x.device)

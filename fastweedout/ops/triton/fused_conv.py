@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from fastweedout.ops import reference as ref
-from fastweedout.ops.triton._common import stat_dtype
 from fastweedout.ops.triton._conv import EPI_NONE, EPI_STATS, check_conv, launch_conv, out_like
 from fastweedout.ops.triton.bn_stats import merge_stats
+from fastweedout.ops.triton.common import stat_dtype
 
 __all__ = ["fused_conv", "fused_conv_forward", "reference"]
 

@@ -22,10 +22,10 @@ from torch import Tensor
 
 from fastweedout.ops import reference as ref
 from fastweedout.ops.triton import bn_act_backward as bwd
-from fastweedout.ops.triton._common import stat_dtype
 from fastweedout.ops.triton._conv import EPI_NONE, EPI_RUNNING, EPI_STATS, launch_conv, out_like, pack_weight
 from fastweedout.ops.triton.bn_act import apply_bn_act
 from fastweedout.ops.triton.bn_stats import merge_stats
+from fastweedout.ops.triton.common import stat_dtype
 
 __all__ = ["grouped_conv", "grouped_conv_bn_act", "grouped_conv_forward", "grouped_conv_bn_act_forward",
            "pack_weight", "reference", "reference_bn_act"]
