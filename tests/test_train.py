@@ -249,3 +249,42 @@ def test_config_validation():
     with pytest.raises(ValueError, match="fewer than one batch"):
         train(create_model("wrn_10_1", num_classes=10, in_channels=1), None, data,
               TrainConfig(epochs=1, batch_size=4096), progress=False)
+
+
+class CountSteps(T.TrainCallbacks):
+    """A callback with state: counts steps, stops after epoch ``stop_at``."""
+
+    def __init__(self, stop_at=None):
+        self.steps, self.seen_epochs, self.stop_at = 0, [], stop_at
+
+    def before_step(self, step, net):
+        assert step == self.steps  # global step, 0-based, continued across a resume
+        self.steps += 1
+
+    def after_epoch(self, loop, record):
+        assert loop.epoch == record.epoch and loop.records[-1] is record
+        self.seen_epochs.append(record.epoch)
+        return record.epoch == self.stop_at
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_callbacks_run_in_order_stop_the_loop_and_resume_with_it(tmp_path):
+    data = tiny_data()
+    cfg = TrainConfig(epochs=3, batch_size=64)
+    model = WideResNet(10, 1, num_classes=data.num_classes, in_channels=data.in_channels)
+    a, b = CountSteps(stop_at=2), CountSteps()
+    res = train(model, None, data, cfg, callbacks=[a, b], checkpoint_dir=tmp_path, progress=False)
+    steps = res.steps // 2  # per epoch
+    assert steps > 0 and a.seen_epochs == b.seen_epochs == [1, 2] and not res.completed and a.steps == 2 * steps
+    # a second call resumes from epoch 2 with the callbacks' state: steps keep counting from there
+    a2, b2 = CountSteps(), CountSteps()
+    res2 = train(model, None, data, cfg, callbacks=[a2, b2], checkpoint_dir=tmp_path, progress=False)
+    assert res2.resumed_from == 2 and res2.completed and a2.seen_epochs == [3] and a2.steps == b2.steps == 3 * steps
+    # the same three epochs without a stop give the same records
+    full = train(model, None, data, cfg, callbacks=CountSteps(), progress=False)
+    assert numbers(res2.records) == numbers(full.records)

@@ -83,6 +83,11 @@ class PhaseStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def add(self, wall_s: float, flops: float, images: int) -> None:
+        self.wall_s += wall_s
+        self.flops += flops
+        self.images += images
+
 
 @dataclass
 class TrainResult:
@@ -109,17 +114,118 @@ class TrainResult:
 
 
 class TrainCallbacks:
-    """Hooks into the loop (e.g. the search that runs throughout training); their state is saved in
-    every checkpoint, so they resume with the run."""
+    """Hooks into the loop (open_lth's shape: the loop trains, callbacks do the rest). Their state is
+    saved in every checkpoint, so they resume with the run."""
 
     def before_step(self, step: int, net: nn.Module) -> None:
         """Called before optimizer step ``step`` (0-based, counted over the whole run)."""
+
+    def after_epoch(self, loop: Loop, record: EpochRecord) -> bool | None:
+        """Called after each evaluated epoch, in order; returning True stops training after it."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+@dataclass
+class Loop:
+    """What one call of :func:`train` holds while it runs (what the callbacks see)."""
+
+    config: TrainConfig
+    world: World
+    device: torch.device
+    net: nn.Module  # the trained network (pruned, or the full one under its mask)
+    run_net: nn.Module  # what the optimizer steps (the masked wrapper when masked)
+    fwd: Callable  # the training forward (DDP, compiled)
+    eval_fwd: Callable
+    loader: DeviceLoader
+    test_loader: DeviceLoader
+    test_size: int  # the whole test set
+    test_shard: int  # this rank's part of it
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    identity: dict  # what a checkpoint must match to be resumed
+    mask: dict | None
+    fwd_flops: int  # per image: the network run (executed)
+    step_flops: int  # per image: one SGD step
+    live_flops: int  # per image: the live sub-network's forward (useful)
+    live_params: int
+    phases: dict
+    records: list
+    callbacks: list
+    checkpoint_dir: str | None = None
+    epoch: int = 0  # epochs done
+    global_step: int = 0
+
+    def checkpoint_state(self) -> dict:
+        return dict(identity=self.identity, mask=self.mask, epoch=self.epoch, model=self.net.state_dict(),
+                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                    loader=self.loader.state_dict(), records=[r.to_dict() for r in self.records],
+                    phases={k: v.to_dict() for k, v in self.phases.items()},
+                    callbacks=[c.state_dict() for c in self.callbacks])
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.records = [EpochRecord(**r) for r in state["records"]]
+        self.phases = {k: PhaseStats(**v) for k, v in state["phases"].items()}
+        self.epoch = state["epoch"]
+        self.global_step = self.epoch * len(self.loader)
+        saved = state.get("callbacks", [])
+        saved = [saved] if isinstance(saved, dict) else saved  # one callback's state, before the list
+        for c, st in zip(self.callbacks, saved):
+            c.load_state_dict(st)
+
+
+class Checkpointer(TrainCallbacks):
+    """Writes the loop's state (atomically, rank 0) after every epoch: what a later call resumes from."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def after_epoch(self, loop: Loop, record: EpochRecord) -> None:
+        if loop.world.rank == 0:
+            ckpt.save(self.directory, loop.checkpoint_state())
+
+    def resume(self, loop: Loop) -> None:
+        """Load the directory's checkpoint into ``loop`` when it holds one of this run (every rank)."""
+        found = None
+        if loop.world.rank == 0:
+            try:
+                found = ("ok", ckpt.load(self.directory, loop.identity, loop.mask))
+            except ValueError as e:
+                found = ("error", str(e))
+        found = loop.world.broadcast_object(found)
+        if found[0] == "error":
+            raise ValueError(found[1])
+        if found[1] is not None:
+            loop.load_checkpoint_state(found[1])
+
+
+class ProgressLog(TrainCallbacks):
+    """The epoch bar's accuracies."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def after_epoch(self, loop: Loop, record: EpochRecord) -> None:
+        if hasattr(self.bar, "set_postfix"):
+            self.bar.set_postfix(train_acc=f"{record.train_acc:.3f}", test_acc=f"{record.test_acc:.3f}")
+
+
+class OnEpoch(TrainCallbacks):
+    """A plain function of each record (``train(on_epoch=...)``); True stops."""
+
+    def __init__(self, fn: Callable[[EpochRecord], object]):
+        self.fn = fn
+
+    def after_epoch(self, loop: Loop, record: EpochRecord) -> bool:
+        return self.fn(record) is True
 
 
 def make_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.SGD:
@@ -198,7 +304,8 @@ def progress_bar(it, enabled: bool, **kw):
     return tqdm(it, **kw)
 
 
-def _diverged(v: float, epoch: int, step: int, ckpt_dir: str | None, records) -> TrainingDiverged:
+def _diverged(v: float, epoch: int, step: int, loop: Loop) -> TrainingDiverged:
+    ckpt_dir, records = loop.checkpoint_dir, loop.records
     where = (f"the last good checkpoint (epoch {len(records)}) is kept in {ckpt_dir}" if ckpt_dir and records
              else "no checkpoint was written")
     return TrainingDiverged(f"training diverged: the loss became {v} in epoch {epoch} by step {step}; {where}. "
@@ -210,8 +317,8 @@ def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainCon
           device=None, world: World | None = None, ddp_bn: str = "local", checkpoint_dir=None,
           on_epoch: Callable[[EpochRecord], object] | None = None,
           on_step: Callable[[int, float], object] | None = None,
-          callbacks: TrainCallbacks | None = None, max_steps: int | None = None, granularity: str = "node",
-          progress: bool = True) -> TrainResult:
+          callbacks: TrainCallbacks | list[TrainCallbacks] | None = None, max_steps: int | None = None,
+          granularity: str = "node", progress: bool = True) -> TrainResult:
     """Train ``model`` under ``mask`` (one member: name -> bool ``[C]``, or a Masks of one; None: dense).
 
     The caller's model is not modified. Evaluates on the test set after every epoch. ``world``: the
@@ -220,11 +327,70 @@ def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainCon
     rank's shard statistics; running statistics averaged after every epoch) or ``sync`` (the global
     batch's statistics: the same result as one process up to fp32 rounding). ``on_epoch`` gets each
     record; returning True stops after that epoch. ``on_step(step, loss)`` gets the global batch's
-    mean loss after each step (one extra all-reduce and host sync per step). ``max_steps`` stops after
+    mean loss after each step (one extra all-reduce and host sync per step). ``callbacks``: hooks
+    (:class:`TrainCallbacks`) called in order, their state checkpointed. ``max_steps`` stops after
     that many optimizer steps in all (no evaluation of a partial epoch). ``granularity="weight"``: the
     mask is over weights (``fastweedout.spaces.weight``) and the full network trains with the masked weights
     held at zero. Raises :class:`TrainingDiverged`.
     """
+    world = world or World.current()
+    _check_train_inputs(model, data, config, ddp_bn, world)
+    device = resolve_device(device, world)
+    user = [] if callbacks is None else ([callbacks] if isinstance(callbacks, TrainCallbacks) else list(callbacks))
+    loop = _build_loop(model, member_mask(mask), data, config, seed, device, world, ddp_bn, granularity, user)
+    saver = Checkpointer(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    if saver is not None:
+        loop.checkpoint_dir = saver.directory
+        saver.resume(loop)
+    resumed_from = loop.epoch
+    bar = progress_bar(range(loop.epoch, config.epochs), progress and world.rank == 0, desc="epochs",
+                       initial=loop.epoch, total=config.epochs)
+    after = user + [c for c in (saver, ProgressLog(bar) if progress and world.rank == 0 else None,
+                                OnEpoch(on_epoch) if on_epoch is not None else None) if c is not None]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if config.resolved(device)["amp"] \
+        else contextlib.nullcontext()
+    completed = loop.epoch >= config.epochs
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    t_call = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for epoch in bar:
+                torch.manual_seed((seed * 1_000_003 + world.rank) * 10_007 + epoch)  # dropout noise
+                lr = loop.opt.param_groups[0]["lr"]
+                t0 = now(device)
+                tot, whole = _train_epoch(loop, epoch, amp, on_step, max_steps, progress)
+                t1 = now(device)
+                seen = int(tot[2])
+                loop.phases["training"].add(t1 - t0, float(loop.step_flops) * seen, seen)
+                if not whole:
+                    break  # a partial epoch (max_steps): no evaluation, no record
+                if ddp_bn == "local":
+                    average_bn_buffers(loop.net, world)
+                test_loss, test_acc = _evaluate_epoch(loop, amp)
+                t2 = now(device)
+                loop.phases["evaluation"].add(t2 - t1, float(loop.fwd_flops) * loop.test_size, loop.test_size)
+                rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(tot[0]) / seen,
+                                  train_acc=float(tot[1]) / seen, test_loss=test_loss, test_acc=test_acc,
+                                  train_time_s=t1 - t0, eval_time_s=t2 - t1, wall_time_s=time.perf_counter() - t_call)
+                loop.records.append(rec)
+                loop.epoch = epoch + 1
+                completed = loop.epoch == config.epochs
+                stop = [c.after_epoch(loop, rec) is True for c in after]  # every callback, in order
+                if world.any(any(stop) or (max_steps is not None and loop.global_step >= max_steps), device):
+                    break
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        set_batchnorm(loop.net, nn.BatchNorm2d)
+    net = loop.net.eval()
+    return TrainResult(records=loop.records, phases=loop.phases, model=net, mask=loop.mask, config=config,
+                       device=str(device), forward_flops=loop.fwd_flops, train_step_flops=loop.step_flops,
+                       live_forward_flops=loop.live_flops, params=count_params(net), live_params=loop.live_params,
+                       steps=loop.global_step, completed=completed, resumed_from=resumed_from)
+
+
+def _check_train_inputs(model, data, config, ddp_bn, world) -> None:
     if not isinstance(model, WideResNet):
         raise TypeError(f"train needs a WideResNet, got {type(model).__name__}")
     if not isinstance(config, TrainConfig):
@@ -234,13 +400,13 @@ def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainCon
                          f"{data.name!r} has {data.in_channels} / {data.num_classes}")
     if ddp_bn not in DDP_BN_MODES:
         raise ValueError(f"ddp_bn must be one of {DDP_BN_MODES}, got {ddp_bn!r}")
-    world = world or World.current()
-    rank, size = world.rank, world.size
-    if config.batch_size % size:
-        raise ValueError(f"the global batch size {config.batch_size} must be divisible by the world size {size}")
-    device = resolve_device(device, world)
+    if config.batch_size % world.size:
+        raise ValueError(f"the global batch size {config.batch_size} must be divisible by the world size {world.size}")
+
+
+def _build_loop(model, mask, data, config, seed, device, world, ddp_bn, granularity, callbacks) -> Loop:
+    """The network for the mask, its loaders, optimizer and schedule, on ``device``."""
     opts = config.resolved(device)
-    mask = member_mask(mask)
     net, run_net, fwd_flops, step_flops, live_flops, live_params = prepare_network(
         model, mask, config.masked, device, opts["channels_last"], data.image_size, granularity)
     if ddp_bn == "sync" and world.distributed:
@@ -250,8 +416,7 @@ def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainCon
     loader = DeviceLoader(data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
                           augment=data.augment, drop_last=config.drop_last, channels_last=opts["channels_last"],
                           seed=seed)
-    steps = len(loader)
-    if steps == 0:
+    if len(loader) == 0:
         raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
                          f"{config.batch_size} (drop_last)")
     t_lo, t_hi = world.shard(len(data.test))
@@ -267,131 +432,71 @@ def train(model: WideResNet, mask, data: Dataset, config: TrainConfig = TrainCon
         fwd_net = DDP(run_net, device_ids=[device.index] if device.type == "cuda" else None,
                       process_group=world.group, **no_sync)
     opt = make_optimizer(run_net, config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps))
-    phases = {"training": PhaseStats(), "evaluation": PhaseStats()}
-    records: list[EpochRecord] = []
-    ckpt_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, len(loader)))
     identity = {"config": asdict(config), "seed": seed, "model": model.config, "widths": dict(net.node_layers()),
                 "dataset": data.name, "train_size": len(data.train), "train_fingerprint": data_fingerprint(data),
                 # a "sync" run does not depend on the world size, so it may resume on another one
-                "distributed": {"bn": ddp_bn} if ddp_bn == "sync" or size == 1 else {"bn": ddp_bn, "world_size": size}}
-    start_epoch = 0
-    if ckpt_dir is not None:
-        found = None
-        if rank == 0:
-            try:
-                found = ("ok", ckpt.load(ckpt_dir, identity, mask))
-            except ValueError as e:
-                found = ("error", str(e))
-        found = world.broadcast_object(found)
-        if found[0] == "error":
-            raise ValueError(found[1])
-        state = found[1]
-        if state is not None:
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            loader.load_state_dict(state["loader"])
-            records = [EpochRecord(**r) for r in state["records"]]
-            phases = {k: PhaseStats(**v) for k, v in state["phases"].items()}
-            start_epoch = state["epoch"]
-            if callbacks is not None:
-                callbacks.load_state_dict(state.get("callbacks", {}))
-    resumed_from = start_epoch
+                "distributed": {"bn": ddp_bn} if ddp_bn == "sync" or world.size == 1
+                else {"bn": ddp_bn, "world_size": world.size}}
     fwd = torch.compile(fwd_net) if opts["compile"] else fwd_net
     eval_fwd = fwd if fwd_net is run_net else (torch.compile(run_net) if opts["compile"] else run_net)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if opts["amp"] else contextlib.nullcontext()
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    completed = start_epoch >= config.epochs
-    global_step = start_epoch * steps
-    t_call = time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            bar = progress_bar(range(start_epoch, config.epochs), progress and rank == 0, desc="epochs",
-                               initial=start_epoch, total=config.epochs)
-            for epoch in bar:
-                torch.manual_seed((seed * 1_000_003 + rank) * 10_007 + epoch)  # dropout noise
-                lr = opt.param_groups[0]["lr"]
-                t0 = now(device)
-                run_net.train()
-                stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
-                batches = progress_bar(loader, progress and rank == 0, desc=f"epoch {epoch + 1}", leave=False,
-                                       total=steps)
-                for step, (x, y) in enumerate(batches, start=1):
-                    if callbacks is not None:
-                        callbacks.before_step(global_step, run_net)
-                    b = y.shape[0]
-                    lo, hi = shard_range_of(b, world)
-                    x, y = x[lo:hi], y[lo:hi]
-                    with amp:
-                        logits = fwd(x)
-                    local_sum = criterion(logits, y, config.label_smoothing, reduction="sum")
-                    # DDP averages gradients over the ranks: scale so that the average is d(global mean)/dw.
-                    loss = local_sum * (size / b)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    global_step += 1
-                    stats[0] += local_sum.detach()
-                    stats[1] += (logits.detach().argmax(1) == y).sum()
-                    stats[2] += y.shape[0]
-                    if on_step is not None:
-                        s = world.all_reduce_(local_sum.detach().double().reshape(1))
-                        on_step(global_step, float(s) / b)
-                    last = step == steps or (max_steps is not None and global_step >= max_steps)
-                    if step % _FINITE_CHECK_EVERY == 0 or last:
-                        v = world.all_reduce_(stats[:1].clone()).item()
-                        if not math.isfinite(v):
-                            raise _diverged(v, epoch + 1, step, ckpt_dir, records)
-                    if max_steps is not None and global_step >= max_steps:
-                        break
-                tot = world.all_reduce_(stats.clone())
-                seen = int(tot[2])
-                t1 = now(device)
-                phases["training"].wall_s += t1 - t0
-                phases["training"].flops += float(step_flops) * seen
-                phases["training"].images += seen
-                if max_steps is not None and global_step >= max_steps and step < steps:
-                    break  # a partial epoch: no evaluation, no record
-                if ddp_bn == "local":
-                    average_bn_buffers(net, world)
-                test_loss, test_acc = evaluate(eval_fwd, test_loader, amp=amp)
-                n_r = t_hi - t_lo
-                ev = world.all_reduce_(torch.tensor([test_loss * n_r, round(test_acc * n_r), n_r],
-                                                    dtype=torch.float64, device=device))
-                n_test = max(int(ev[2]), 1)
-                t2 = now(device)
-                phases["evaluation"].wall_s += t2 - t1
-                phases["evaluation"].flops += float(fwd_flops) * len(data.test)
-                phases["evaluation"].images += len(data.test)
-                rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(tot[0]) / seen,
-                                  train_acc=float(tot[1]) / seen, test_loss=float(ev[0]) / n_test,
-                                  test_acc=float(ev[1]) / n_test, train_time_s=t1 - t0, eval_time_s=t2 - t1,
-                                  wall_time_s=time.perf_counter() - t_call)
-                records.append(rec)
-                if ckpt_dir is not None and rank == 0:
-                    ckpt.save(ckpt_dir, dict(
-                        identity=identity, mask=mask, epoch=epoch + 1, model=net.state_dict(),
-                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), loader=loader.state_dict(),
-                        records=[r.to_dict() for r in records], phases={k: v.to_dict() for k, v in phases.items()},
-                        callbacks=callbacks.state_dict() if callbacks is not None else {}))
-                if progress and rank == 0 and hasattr(bar, "set_postfix"):
-                    bar.set_postfix(train_acc=f"{rec.train_acc:.3f}", test_acc=f"{rec.test_acc:.3f}")
-                completed = epoch + 1 == config.epochs
-                stop = on_epoch is not None and on_epoch(rec) is True
-                if world.any(stop or (max_steps is not None and global_step >= max_steps), device):
-                    break
-    finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        set_batchnorm(net, nn.BatchNorm2d)
-    net.eval()
-    return TrainResult(records=records, phases=phases, model=net, mask=mask, config=config, device=str(device),
-                       forward_flops=fwd_flops, train_step_flops=step_flops, live_forward_flops=live_flops,
-                       params=count_params(net), live_params=live_params, steps=global_step, completed=completed,
-                       resumed_from=resumed_from)
+    return Loop(config=config, world=world, device=device, net=net, run_net=run_net, fwd=fwd, eval_fwd=eval_fwd,
+                loader=loader, test_loader=test_loader, test_size=len(data.test), test_shard=t_hi - t_lo, opt=opt,
+                sched=sched, identity=identity, mask=mask, fwd_flops=fwd_flops, step_flops=step_flops,
+                live_flops=live_flops, live_params=live_params,
+                phases={"training": PhaseStats(), "evaluation": PhaseStats()}, records=[], callbacks=callbacks)
+
+
+def _train_epoch(loop: Loop, epoch: int, amp, on_step, max_steps, progress) -> tuple[Tensor, bool]:
+    """One epoch of SGD steps: (the global [loss sum, correct, images], whether the epoch was whole)."""
+    world, device, size = loop.world, loop.device, loop.world.size
+    steps = len(loop.loader)
+    loop.run_net.train()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    batches = progress_bar(loop.loader, progress and world.rank == 0, desc=f"epoch {epoch + 1}", leave=False,
+                           total=steps)
+    step = 0
+    for step, (x, y) in enumerate(batches, start=1):
+        for c in loop.callbacks:
+            c.before_step(loop.global_step, loop.run_net)
+        b = y.shape[0]
+        lo, hi = shard_range_of(b, world)
+        x, y = x[lo:hi], y[lo:hi]
+        with amp:
+            logits = loop.fwd(x)
+        local_sum = criterion(logits, y, loop.config.label_smoothing, reduction="sum")
+        # DDP averages gradients over the ranks: scale so that the average is d(global mean)/dw.
+        loss = local_sum * (size / b)
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.opt.step()
+        loop.sched.step()
+        loop.global_step += 1
+        stats[0] += local_sum.detach()
+        stats[1] += (logits.detach().argmax(1) == y).sum()
+        stats[2] += y.shape[0]
+        if on_step is not None:
+            s = world.all_reduce_(local_sum.detach().double().reshape(1))
+            on_step(loop.global_step, float(s) / b)
+        capped = max_steps is not None and loop.global_step >= max_steps
+        if step % _FINITE_CHECK_EVERY == 0 or step == steps or capped:
+            v = world.all_reduce_(stats[:1].clone()).item()
+            if not math.isfinite(v):
+                raise _diverged(v, epoch + 1, step, loop)
+        if capped:
+            break
+    return world.all_reduce_(stats.clone()), not (max_steps is not None and loop.global_step >= max_steps
+                                                  and step < steps)
+
+
+def _evaluate_epoch(loop: Loop, amp) -> tuple[float, float]:
+    """(test loss, test accuracy) over every rank's shard of the test set."""
+    test_loss, test_acc = evaluate(loop.eval_fwd, loop.test_loader, amp=amp)
+    n_r = loop.test_shard
+    ev = loop.world.all_reduce_(torch.tensor([test_loss * n_r, round(test_acc * n_r), n_r], dtype=torch.float64,
+                                             device=loop.device))
+    n_test = max(int(ev[2]), 1)
+    return float(ev[0]) / n_test, float(ev[1]) / n_test
 
 
 def shard_range_of(n: int, world: World) -> tuple[int, int]:
