@@ -11,6 +11,7 @@ from fastweedout.config import TrainConfig
 from fastweedout.cost.flops import forward_flops
 from fastweedout.data.datasets import load_dataset
 from fastweedout.model.masked import MaskedNet
+from fastweedout.training.callbacks import TrainCallbacks
 from fastweedout.training.checkpoint import CHECKPOINT_NAME, PREV_NAME
 from fastweedout.training.loop import (
     EpochRecord,
@@ -251,7 +252,7 @@ def test_config_validation():
               TrainConfig(epochs=1, batch_size=4096), progress=False)
 
 
-class CountSteps(T.TrainCallbacks):
+class CountSteps(TrainCallbacks):
     """A callback with state: counts steps, stops after epoch ``stop_at``."""
 
     def __init__(self, stop_at=None):

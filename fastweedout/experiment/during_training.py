@@ -30,7 +30,8 @@ from fastweedout.experiment.stages import RunOutcome, derive_seed, evaluate_mask
 from fastweedout.masks import Masks, sample_masks
 from fastweedout.model.wrn import WideResNet
 from fastweedout.search.strategies import next_generation
-from fastweedout.training.loop import TrainCallbacks, evaluate, train
+from fastweedout.training.callbacks import TrainCallbacks
+from fastweedout.training.loop import evaluate, train
 
 RECALIBRATION_IMAGES = 2048
 
