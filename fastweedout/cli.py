@@ -191,8 +191,8 @@ def cmd_search(args, rt: Runtime) -> int:
 def cmd_train(args, rt: Runtime) -> int:
     from fastweedout.experiment import runs
     from fastweedout.experiment.grid import prepare
+    from fastweedout.experiment.inputs import check_mask_fits, given_config, read_mask_file
     from fastweedout.experiment.pipeline import execute_run
-    from fastweedout.experiment.stages import check_mask_fits, given_config, read_mask_file
 
     vals = _config_values(args)
     mask = None
@@ -214,7 +214,7 @@ def cmd_train(args, rt: Runtime) -> int:
     data = prepare([cfg], rt.results, rt)[runs.canonical_json(cfg.data)] if mask is None else None
     if mask is not None:
         from fastweedout.experiment.grid import precheck_results
-        from fastweedout.experiment.stages import check_against_data, load_data
+        from fastweedout.experiment.inputs import check_against_data, load_data
 
         precheck_results(rt.results)
         data = load_data(cfg.data, rt)

@@ -9,7 +9,7 @@ import torch
 import fastweedout.experiment.stages as E
 import fastweedout.search.weedout as S
 from fastweedout.config import DataConfig, ModelConfig, Runtime, SearchConfig, TrainConfig, make_run_config
-from fastweedout.experiment import records, runs
+from fastweedout.experiment import inputs, records, runs
 from fastweedout.experiment.grid import grid_configs, run_grid
 from fastweedout.experiment.pipeline import execute_run
 from fastweedout.training.checkpoint import CHECKPOINT_NAME
@@ -154,7 +154,7 @@ def test_corrupt_results_file_is_rebuilt(tmp_path):
 
 
 def test_arms_of_a_seed_share_the_initial_weights():
-    data = E.load_data(DATA, RT)
+    data = inputs.load_data(DATA, RT)
     a = E.build_model(cfg("weedout"), data)
     b = E.build_model(cfg("random"), data)
     c = E.build_model(cfg("weedout", seed=1), data)

@@ -10,8 +10,8 @@ import torch
 from fastweedout.cli import main
 from fastweedout.config import DataConfig, ModelConfig, Runtime, TrainConfig, make_run_config
 from fastweedout.experiment import robustness as R
+from fastweedout.experiment.inputs import load_data
 from fastweedout.experiment.pipeline import execute_run
-from fastweedout.experiment.stages import load_data
 from fastweedout.masks import round_half_up
 from fastweedout.model.wrn import WideResNet
 

@@ -18,8 +18,9 @@ from fastweedout.config import (
     make_run_config,
 )
 from fastweedout.experiment import records, runs, structure
+from fastweedout.experiment.inputs import derive_seed, load_data
 from fastweedout.experiment.pipeline import execute_run
-from fastweedout.experiment.stages import build_model, derive_seed, load_data
+from fastweedout.experiment.stages import build_model
 from fastweedout.masks import sample_masks
 from fastweedout.model.wrn import WideResNet
 

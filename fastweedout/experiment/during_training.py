@@ -25,8 +25,9 @@ from fastweedout.data.datasets import Dataset
 from fastweedout.data.loader import DeviceLoader
 from fastweedout.engines.scoring import score_population
 from fastweedout.experiment import runs
+from fastweedout.experiment.inputs import derive_seed, validation_parts
 from fastweedout.experiment.runs import RunDir
-from fastweedout.experiment.stages import RunOutcome, derive_seed, evaluate_mask, train_run, validation_parts
+from fastweedout.experiment.stages import RunOutcome, evaluate_mask, train_run
 from fastweedout.masks import Masks, sample_masks
 from fastweedout.model.wrn import WideResNet
 from fastweedout.search.strategies import next_generation

@@ -20,10 +20,11 @@ from typing import Any
 from fastweedout.config import RunConfig, Runtime, build_run_config
 from fastweedout.data.datasets import Dataset
 from fastweedout.experiment import claims, runs
+from fastweedout.experiment.inputs import check_against_data, check_resources, load_data
 from fastweedout.experiment.pipeline import execute_run
 from fastweedout.experiment.runs import RunDir
 from fastweedout.experiment.runtime import ResolvedRuntime, resolve_runtime
-from fastweedout.experiment.stages import RunOutcome, check_against_data, check_resources, load_data
+from fastweedout.experiment.stages import RunOutcome
 from fastweedout.training.loop import TrainingDiverged
 from fastweedout.world import env_world
 

@@ -14,17 +14,14 @@ from fastweedout.config import RunConfig, Runtime
 from fastweedout.data.datasets import Dataset
 from fastweedout.experiment import records, runs, structure
 from fastweedout.experiment.during_training import run_throughout
+from fastweedout.experiment.inputs import check_against_data, check_resources, derive_seed, load_data
 from fastweedout.experiment.records import RunError
 from fastweedout.experiment.runs import RunDir
 from fastweedout.experiment.runtime import ResolvedRuntime, environment, resolve_runtime
 from fastweedout.experiment.stages import (
     RunOutcome,
     build_model,
-    check_against_data,
-    check_resources,
     choose_mask,
-    derive_seed,
-    load_data,
     mask_record,
     pretrain,
     strip_search,

@@ -28,9 +28,9 @@ from fastweedout import atomic
 from fastweedout.config import RunConfig, Runtime
 from fastweedout.data.loader import DeviceLoader
 from fastweedout.experiment import runs
+from fastweedout.experiment.inputs import derive_seed, load_data
 from fastweedout.experiment.records import RunError
 from fastweedout.experiment.runtime import resolve_runtime
-from fastweedout.experiment.stages import derive_seed, load_data
 from fastweedout.masks import round_half_up
 from fastweedout.model.wrn import WideResNet
 from fastweedout.training import checkpoint

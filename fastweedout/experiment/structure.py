@@ -23,7 +23,7 @@ import torch
 
 from fastweedout.masks import Masks
 
-#: the purposes the callers derive this module's seeds for (``stages.derive_seed(seed, purpose)``)
+#: the purposes the callers derive this module's seeds for (``inputs.derive_seed(seed, purpose)``)
 REINIT_PURPOSE, SHUFFLE_PURPOSE = "reinit", "shuffle"
 
 

@@ -23,13 +23,8 @@ from fastweedout.experiment import runs
 from fastweedout.config import DataConfig, ModelConfig, make_run_config
 from fastweedout.masks import sample_masks
 from fastweedout.engines.scoring import auto_engine, population_logits
-from fastweedout.experiment.stages import (
-    INIT_EVAL_BATCH,
-    build_model,
-    derive_seed,
-    load_data,
-    validation_parts,
-)
+from fastweedout.experiment.stages import INIT_EVAL_BATCH, build_model
+from fastweedout.experiment.inputs import derive_seed, load_data, validation_parts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
