@@ -4,7 +4,7 @@ directory of scripts, not an installed package).
     python -m bench scoring  [--quick|--full] [--out DIR] [--threads N] [overrides...]
     python -m bench training [--quick|--full] ...
     python -m bench pipeline [--quick|--full] ...
-    python -m bench engines                    # the CPU engine table: loop vs folded vs compact
+    python -m bench engines                    # the CPU engine table: engines vs the baselines a user would write
     python -m bench member-steps [--smoke]     # Weedout after K steps per member: one at a time vs batched
     python -m bench kernels  [--smoke] ...     # Triton conv vs cuDNN, epilogues vs copy (GPU)
     python -m bench gpu      [--dry-run]       # everything on one GPU in one command (<= 9 min on an H100)
@@ -38,12 +38,15 @@ class FullNeedsGPU(SystemExit):
 def scoring_preset(preset: str, cuda: bool) -> dict:
     if preset == "smoke":
         return dict(models=["wrn_10_1"], populations=[3], etas=[0.0, 0.5], batch=4, image_size=8, repeats=2,
-                    engines=["loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func"])
+                    engines=["loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func",
+                             "pruned-loop"])
     if preset == "quick":
         return dict(models=["wrn_16_2"], populations=[10], etas=[0.0, 0.4, 0.8], batch=32, repeats=3)
     if preset == "cpu-engines":
         return dict(models=["wrn_16_4"], populations=[16], etas=[0.0, 0.4, 0.8], batch=64, repeats=3,
-                    engines=["loop", "folded", "compact", "folded-triton", "compact-triton"])
+                    engines=["loop", "folded", "compact", "folded-triton", "compact-triton", "pruned-loop",
+                             "vmap-pruned", "torch-pruning", "pruned-graph", "compact-compile",
+                             "compact-max-autotune"])
     if preset == "full" or (preset == "default" and cuda):
         return dict(models=["wrn_16_4", "wrn_28_10"], populations=[10, 100], etas=ETAS5, batch=256,
                     dtype="bfloat16", repeats=10, warmup=2)
@@ -107,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scoring", help="population scoring: engines vs baselines")
     _common(s)
     _scoring_args(s)
-    e = sub.add_parser("engines", help="the CPU engine table: loop vs folded vs compact, WRN-16-4, P=16, 64 images")
+    e = sub.add_parser("engines", help="the CPU engine table: engines x the fastest baseline, WRN-16-4, P=16, B=64")
     _common(e, presets=False)
     _scoring_args(e)
     e.add_argument("--profile", action="store_true",
@@ -186,7 +189,8 @@ def _scoring_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--image-size", type=int)
     s.add_argument("--in-channels", type=int)
     s.add_argument("--engines", help="comma list of loop,folded,compact,folded-triton,compact-triton,"
-                                     "torch.func,folded-compile (default: all that run here)")
+                                     "torch.func,folded-compile,pruned-loop,vmap-pruned,torch-pruning,"
+                                     "pruned-graph,compact-compile,compact-max-autotune (default: all that run here)")
     s.add_argument("--bn", choices=["batch", "running"])
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--chunk-size", type=int, help="members per chunk (default: each engine's auto rule)")
@@ -241,8 +245,11 @@ def cmd_scoring(args, preset: str | None = None) -> list:
 
 def cmd_engines(args) -> list:
     from .engines import print_summary
+    from .env import measure_cpu_peak
     rows = cmd_scoring(args, preset="cpu-engines")
-    print_summary(rows)
+    # the CPU's FLOP peak again, at the end of the same run (the rows divide by the one taken at its start)
+    end_peak = measure_cpu_peak(fresh=True) if rows and rows[0].env.get("device_type") == "cpu" else None
+    print_summary(rows, end_peak)
     if args.profile:
         from .engines import profile_eta0
         r0 = rows[0]

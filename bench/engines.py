@@ -1,16 +1,29 @@
-"""The CPU engine table: loop vs folded vs compact (and the Triton variants on a GPU) for WRN-16-4,
-P=16 members, 64 images 3x32x32, eta in {0, 0.4, 0.8}, side by side in one run.
+"""The CPU engine table: every engine and every baseline a user would write, for WRN-16-4, P=16
+members, 64 images 3x32x32, eta in {0, 0.4, 0.8}, side by side in one run.
 
     python -m bench engines [--threads N] [--repeats N] [--out DIR] [--profile]
 
+Every engine is stated as x the fastest baseline of its configuration (the fastest of
+``baselines.BASELINE_SET`` that ran: pruned-loop, vmap-pruned, torch-pruning, compact-compile, and on
+a GPU pruned-graph and compact-max-autotune), with the masked ``loop`` as one more row; ``auto`` is
+the engine ``choose_engine`` picks for those masks. The CPU's FLOP peak is measured with one large
+fp32 matmul at the start of the run (the figure the rows divide by) and again at the end, and each
+engine's useful FLOP/s is given as a fraction of it.
+
 Targets on the 2-core CPU: ``compact`` >= 3x faster than ``loop`` at eta=0.8, ``folded`` no slower than
-``loop`` at eta=0. Rows go to ``<out>/scoring.jsonl`` (preset ``cpu-engines``); the table printed at
-the end gives wall-time ratios and, because other processes share the CPU, process-CPU-time ratios too.
+``loop`` at eta=0, and ``auto`` no slower than the fastest baseline at any eta. Rows go to
+``<out>/scoring.jsonl`` (preset ``cpu-engines``); the table printed at the end gives wall-time
+ratios and, because other processes share the CPU, process-CPU-time ratios too.
 """
 
 from __future__ import annotations
 
-from .common import fmt_s
+import statistics
+
+from .baselines import BASELINE_SET
+from .common import fmt_num, fmt_s
+
+COMPILED = ("compact-compile", "compact-max-autotune")
 
 TARGETS = (("compact", 0.8, 3.0, "compact >= 3x faster than loop at eta=0.8"),
            ("folded", 0.0, 1.0, "folded no slower than loop at eta=0"))
@@ -30,40 +43,121 @@ def summary_rows(rows) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok" and r.get("timing")]
 
 
-def print_summary(rows) -> str:
-    rows = summary_rows(rows)
+def _cpu_iqr(r: dict) -> float:
+    t = sorted(r["timing"].get("cpu_times_s") or [])
+    if len(t) < 2:
+        return 0.0
+    q = statistics.quantiles(t, n=4, method="inclusive")
+    return (q[2] - q[0]) / statistics.median(t)
+
+
+def _noise(*rows: dict, cpu: bool = False) -> float:
+    """The resolution of a "no slower" verdict: the largest relative IQR of the rows compared (>= 1%), of
+    wall time or (``cpu``) of process CPU time."""
+    return max([0.01] + [(_cpu_iqr if cpu else _iqr)(r) for r in rows if r and r.get("timing")])
+
+
+def _verdict(w: float, need: float, noise: float) -> str:
+    return "MET" if w >= need else f"MET within noise (+-{noise:.1%})" if w >= need - noise else "NOT MET"
+
+
+def print_summary(rows, end_peak=None) -> str:
+    """The engine table: x the fastest baseline per eta (wall, CPU time), x loop, useful FLOP/s as a
+    fraction of the measured peak; auto against the fastest baseline; the targets. ``end_peak``: the
+    peak measured again at the end of the run (``env.Peak``)."""
+    everything = [r if isinstance(r, dict) else vars(r) for r in rows]
+    rows = summary_rows(everything)
     by = {(r["engine"], r["eta"]): r for r in rows}
-    engines = [e for e in ("loop", "folded", "compact", "folded-triton", "compact-triton")
-               if any(k[0] == e for k in by)]
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
     etas = sorted({r["eta"] for r in rows})
     r0 = rows[0] if rows else {}
+    env = r0.get("env", {})
     lines = [f"engine table: {r0.get('model')} P={r0.get('population')} B={r0.get('batch')} "
              f"{r0.get('in_channels')}x{r0.get('image_size')}x{r0.get('image_size')}, "
-             f"{r0.get('env', {}).get('threads')} threads, {r0.get('env', {}).get('device')}",
-             "  eta  " + "".join(f"{e:>16}" for e in engines) + "".join(f"{'loop/' + e:>16}" for e in engines[1:])
-             + "".join(f"{'cpu loop/' + e:>20}" for e in engines[1:]) + "   load(1m)"]
+             f"{env.get('threads')} threads, {env.get('device')}, git {str(env.get('git_rev'))[:10]}"
+             f"{'+dirty' if env.get('git_dirty') else ''}, {env.get('date')}",
+             f"  peak: {fmt_num(env.get('peak_flops_per_s'), 'FLOP/s')}"
+             + (f" ({fmt_num(env['peak_flops_per_cpu_s'], 'FLOP/s')} per CPU second)"
+                if env.get("peak_flops_per_cpu_s") else "")
+             + f" [{env.get('peak_source')}] (the rows' % peak)"
+             + (f"; at the end of the run {fmt_num(end_peak.flops_per_s, 'FLOP/s')} "
+                f"({fmt_num(end_peak.flops_per_cpu_s, 'FLOP/s')} per CPU second) [{end_peak.source}]"
+                if end_peak is not None else "")]
+    base = {eta: next((r.get("baseline") for r in rows if r["eta"] == eta and r.get("baseline")), None)
+            for eta in etas}
+    lines.append("  fastest baseline: " + ", ".join(
+        f"eta={eta:g} {base[eta]} ({fmt_s(by[(base[eta], eta)]['timing']['median_s'])})" if base[eta]
+        else f"eta={eta:g} none ran" for eta in etas))
+    cpu_base = {eta: next((r.get("cpu_baseline") for r in rows if r["eta"] == eta and r.get("cpu_baseline")), None)
+                for eta in etas}
+    if any(cpu_base.values()):
+        lines.append("  fastest baseline by process CPU time: " + ", ".join(
+            f"eta={eta:g} {cpu_base[eta]} ({fmt_s(by[(cpu_base[eta], eta)]['timing']['cpu_median_s'])})"
+            if cpu_base[eta] else f"eta={eta:g} -" for eta in etas))
+    w = max([len(e) for e in engines] + [6]) + 2
+
+    def pivot(title: str, cell) -> None:
+        cells = {(e, eta): cell(by[(e, eta)]) if (e, eta) in by else "-" for e in engines for eta in etas}
+        cw = max([len(c) for c in cells.values()] + [20]) + 3
+        lines.append(f"  {title}")
+        lines.append("  " + f"{'engine':<{w}}" + "".join(f"{f'eta={eta:g}':>{cw}}" for eta in etas))
+        for e in engines:
+            lines.append("  " + f"{e:<{w}}" + "".join(f"{cells[(e, eta)]:>{cw}}" for eta in etas))
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    pivot("x the fastest baseline: wall (process CPU time); x loop (wall)",
+          lambda r: f"{_ratio(r, 'speedup_vs_baseline')} ({_ratio(r, 'cpu_speedup_vs_baseline')}) "
+                    f"{_ratio(r, 'speedup_vs_loop')}")
+    pivot("useful FLOP/s: per wall second (its % of the matmul peak); % of the peak per CPU second",
+          lambda r: f"{fmt_num(r.get('useful_flops_per_s'), 'FLOP/s')} ({pct(r.get('useful_fraction_of_peak'))}) "
+                    f"{pct(r.get('useful_fraction_of_cpu_peak'))}")
+    loads = [by[("loop", eta)].get("load_avg_before") if ("loop", eta) in by else None for eta in etas]
+    lines.append("  load average before each eta: " + ", ".join(f"eta={eta:g} {v}" for eta, v in zip(etas, loads)))
+    not_run: dict[tuple, list] = {}
+    for r in everything:
+        if r.get("status") != "ok":
+            not_run.setdefault((r["engine"], r.get("status"), r.get("note")), []).append(f"{r['eta']:g}")
+    for (e, status, note), at in not_run.items():
+        lines.append(f"  {e} (eta {', '.join(at)}): {status}: {note}")
+    # auto: the engine choose_engine picks at each eta, against the fastest baseline
+    autos = []
     for eta in etas:
-        loop = by.get(("loop", eta))
-        cells = [f"{fmt_s(by[(e, eta)]['timing']['median_s']) if (e, eta) in by else '-':>16}" for e in engines]
-        ratios, cpu = [], []
-        for e in engines[1:]:
-            r = by.get((e, eta))
-            ratios.append(f"{_ratio(r, 'speedup_vs_loop'):>16}")
-            cpu.append(f"{_ratio(r, 'cpu_speedup_vs_loop'):>20}")
-        load = (loop or {}).get("load_avg_before")
-        lines.append(f"  {eta:<4} " + "".join(cells) + "".join(ratios) + "".join(cpu) + f"   {load}")
+        pick = next((r.get("auto_engine") for r in rows if r["eta"] == eta and r.get("auto_engine")), None)
+        r = by.get((pick, eta))
+        if r is None or not r.get("speedup_vs_baseline"):
+            autos.append(f"eta={eta:g}: {pick or '?'} not measured")
+            continue
+        v = _verdict(r["speedup_vs_baseline"], 1.0, _noise(r, by.get((base[eta], eta))))
+        c = r.get("cpu_speedup_vs_baseline")
+        cv = "" if not c else (f"; CPU time {c:.2f}x {cpu_base[eta]} "
+                               f"{_verdict(c, 1.0, _noise(r, by.get((cpu_base[eta], eta)), cpu=True))}")
+        autos.append(f"eta={eta:g}: {pick} wall {r['speedup_vs_baseline']:.2f}x {base[eta]} {v}{cv}")
+    lines.append("  target: auto no slower than the fastest baseline: " + "; ".join(autos))
+    # the same against the fastest baseline that runs eagerly (no torch.compile): what a user gets without compiling
+    eager = []
+    for eta in etas:
+        pick = next((r.get("auto_engine") for r in rows if r["eta"] == eta and r.get("auto_engine")), None)
+        cands = [by[(e, eta)] for e in BASELINE_SET if e not in COMPILED and (e, eta) in by]
+        if (pick, eta) not in by or not cands:
+            continue
+        b = min(cands, key=lambda r: r["timing"]["median_s"])
+        v = b["timing"]["median_s"] / by[(pick, eta)]["timing"]["median_s"]
+        eager.append(f"eta={eta:g}: {pick} {v:.2f}x {b['engine']} {_verdict(v, 1.0, _noise(by[(pick, eta)], b))}")
+    if eager:
+        lines.append("  auto against the fastest eager baseline (no compile): " + "; ".join(eager))
     for eng, eta, need, text in TARGETS:
         r = by.get((eng, eta))
         if r is None or not r.get("speedup_vs_loop"):
             lines.append(f"  target: {text}: not measured")
             continue
-        w, c = r["speedup_vs_loop"], r.get("cpu_speedup_vs_loop")
+        wv, c = r["speedup_vs_loop"], r.get("cpu_speedup_vs_loop")
         # "No slower" is judged within the measurement's resolution: the larger relative IQR of the
         # two methods' repeats (at least 1%).
-        loop = by[("loop", eta)]
-        noise = max(0.01, _iqr(r), _iqr(loop)) if need == 1.0 else 0.0
-        verdict = "MET" if w >= need else f"MET within noise (+-{noise:.1%})" if w >= need - noise else "NOT MET"
-        lines.append(f"  target: {text}: {verdict} (wall {w:.3f}x" + (f", CPU time {c:.3f}x" if c else "") + ")")
+        noise = _noise(r, by[("loop", eta)]) if need == 1.0 else 0.0
+        lines.append(f"  target: {text}: {_verdict(wv, need, noise)} (wall {wv:.3f}x"
+                     + (f", CPU time {c:.3f}x" if c else "") + ")")
     out = "\n".join(lines)
     print(out, flush=True)
     return out

@@ -80,25 +80,29 @@ class Peak:
     source: str  # "datasheet: ..." or "measured: ..."
     bytes_per_s: float = math.nan
     bandwidth_source: str = ""
+    #: CPUs: the matmul's FLOPs per second of process CPU time (what the cores do while this process runs
+    #: on them; on a machine shared with other processes the wall-time figure also counts the waits)
+    flops_per_cpu_s: float = math.nan
 
 
 _CPU_CACHE: dict[tuple, Peak] = {}
 
 
-def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> Peak:
+def measure_cpu_peak(n: int = 2048, repeats: int = 5, fresh: bool = False) -> Peak:
     """A large fp32 matmul (best of ``repeats``) and a large copy: the CPU's reachable peaks (once per
-    process and thread count)."""
+    process and thread count; ``fresh``: measured again, e.g. at the end of a run, and not cached)."""
     key = (n, torch.get_num_threads())
-    if key in _CPU_CACHE:
+    if key in _CPU_CACHE and not fresh:
         return _CPU_CACHE[key]
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     torch.mm(a, b)
-    best = math.inf
+    best = best_cpu = math.inf
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
+        best_cpu = min(best_cpu, time.process_time() - c)
     src, dst = torch.randn(1 << 24), torch.empty(1 << 24)  # 64 MiB: past the caches
     dst.copy_(src)
     copy = math.inf
@@ -108,8 +112,10 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> Peak:
         copy = min(copy, time.perf_counter() - t)
     peak = Peak(2 * n ** 3 / best, "fp32",
                 f"measured: fp32 matmul {n}^3, best of {repeats}, {torch.get_num_threads()} threads, "
-                f"load {load_average()}", 2 * src.numel() * 4 / copy, "measured: 64 MiB copy (read + write)")
-    _CPU_CACHE[key] = peak
+                f"load {load_average()}", 2 * src.numel() * 4 / copy, "measured: 64 MiB copy (read + write)",
+                flops_per_cpu_s=2 * n ** 3 / max(best_cpu, 1e-9))
+    if not fresh:
+        _CPU_CACHE[key] = peak
     return peak
 
 
@@ -118,7 +124,7 @@ def device_peak(device: torch.device, dtype: torch.dtype = torch.float32, prec: 
     prec = prec or precision(dtype, device)
     if device.type != "cuda":
         cpu = measure_cpu_peak()
-        return Peak(cpu.flops_per_s, prec, cpu.source, cpu.bytes_per_s, cpu.bandwidth_source)
+        return Peak(cpu.flops_per_s, prec, cpu.source, cpu.bytes_per_s, cpu.bandwidth_source, cpu.flops_per_cpu_s)
     name = torch.cuda.get_device_name(device)
     for frag, flops, bw in GPUS:
         if frag in name and prec in flops:
@@ -157,6 +163,7 @@ class Env:
     cpu_count: int | None
     hostname: str
     allow_tf32: bool = False
+    peak_flops_per_cpu_s: float | None = None  # CPUs: the matmul peak per second of process CPU time
     runtime_env: dict = field(default_factory=dict)  # OMP_* / MKL_* / FASTWEEDOUT_* / TRITON_* variables set
 
     @staticmethod
@@ -169,6 +176,7 @@ class Env:
                    git_dirty=dirty, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    threads=torch.get_num_threads(), cpu_count=os.cpu_count(), hostname=platform.node(),
                    allow_tf32=bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else False,
+                   peak_flops_per_cpu_s=None if math.isnan(peak.flops_per_cpu_s) else peak.flops_per_cpu_s,
                    runtime_env={k: v for k, v in sorted(os.environ.items())
                                 if k.startswith(("OMP_", "KMP_", "MKL_", "MALLOC_", "FASTWEEDOUT_", "TRITON_",
                                                  "CUDA_VISIBLE"))})

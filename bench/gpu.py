@@ -15,9 +15,11 @@ shape of WRN-28-10 inside the scoring step took 119 s on an H200):
 2. ``kernels``: Triton conv vs cuDNN grouped vs dense folded, each epilogue vs copy bandwidth
    (``kernels.py``) -> ``kernels.jsonl``;
 3. ``scoring``: WRN-28-10, P=100, bf16, eta 0.8 / 0.4 / 0 (the headline first): loop, folded,
-   compact, their Triton variants, vmap and compiled-folded (``scoring.py``), at B=1000 images or the
-   largest batch whose estimated time fits the step's share (measured by a short probe) ->
-   ``scoring.jsonl``;
+   compact, their Triton variants, vmap and compiled-folded, and the baselines a user would write
+   (``baselines.py``: pruned-loop, vmap-pruned, torch-pruning, pruned-graph, compact-compile and, last,
+   compact-max-autotune), every row also as x the fastest baseline (``scoring.py``), at B=1000 images or
+   the largest batch whose estimated time fits the step's share (measured by a short probe; a method
+   not started before the step's deadline is a skipped row) -> ``scoring.jsonl``;
 4. ``training``: dense and pruned (eta 0.8) WRN-28-10 training steps, torch.compile + bf16 autocast,
    channels_last (``training.py``) -> ``training.jsonl``.
 
@@ -170,8 +172,9 @@ def _probe_batch(p: GpuPlan, device, share_s: float, quiet: bool) -> tuple[int, 
     score_population(model, masks, x, y, engine="folded")
     sync(device)
     per_image = (time.perf_counter() - t0) / p.probe_batch
-    # heavy calls (dense work): 7 methods at eta 0, 5 at each eta > 0; each called 1 + repeats times
-    heavy = sum(7 if e == 0 else 5 for e in cfg.etas) * (1 + cfg.repeats + cfg.warmup)
+    # heavy calls (dense work): 13 methods at eta 0 (every baseline runs the dense network there), 5 at
+    # each eta > 0; each called 1 + repeats times
+    heavy = sum(13 if e == 0 else 5 for e in cfg.etas) * (1 + cfg.repeats + cfg.warmup)
     for b in p.batches:
         est = per_image * b * heavy + p.compile_estimate_s
         if est <= share_s:
@@ -244,7 +247,8 @@ def scoring_summary(rows) -> dict:
     for r in rows:
         t = (r.get("timing") or {}).get("median_s")
         out[f"{r['engine']} eta={r['eta']:g}"] = dict(
-            median_s=t, speedup_vs_loop=r.get("speedup_vs_loop"),
+            median_s=t, speedup_vs_loop=r.get("speedup_vs_loop"), speedup_vs_baseline=r.get("speedup_vs_baseline"),
+            baseline=r.get("baseline"), compile_s=r.get("compile_s"), note=(r.get("note") or "")[:200],
             useful_fraction_of_peak=r.get("useful_fraction_of_peak"), bandwidth_fraction=r.get("bandwidth_fraction"),
             precision=r.get("precision"), batch=r.get("batch"), status=r.get("status"),
             fitness_rel_err=r.get("fitness_rel_err"))
@@ -298,7 +302,8 @@ def format_summary(steps: list[dict], env: Env, wall: float, dry_run: bool = Fal
         if isinstance(v, dict) and v.get("median_s"):
             add("scoring", f"{key} (B={v.get('batch')}, {v.get('precision')})",
                 f"{fmt_s(v['median_s'])}", "", f"{_pct(v.get('useful_fraction_of_peak'))} peak, "
-                f"{_pct(v.get('bandwidth_fraction'))} bw, x{(v.get('speedup_vs_loop') or 0):.2f} loop")
+                f"{_pct(v.get('bandwidth_fraction'))} bw, x{(v.get('speedup_vs_baseline') or 0):.2f} "
+                f"{v.get('baseline') or 'baseline'}, x{(v.get('speedup_vs_loop') or 0):.2f} loop")
     if sc.get("compact_triton_vs_folded_at_top_eta"):
         v = sc["compact_triton_vs_folded_at_top_eta"]
         add("scoring", "compact-triton / folded at the top eta", f"{v:.2f}x", ">= 5x", _verdict(v, 5.0))

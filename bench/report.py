@@ -4,9 +4,10 @@
     python -m bench report --all-runs f.jsonl   # every run, not only the latest of each kind
 
 By default only the latest run of each (benchmark, preset, device) is shown; ``<out>/NOTES.md``
-(hand-written findings), when present, is included after the header. Plots: speedup over
-``loop`` against sparsity, one line per engine (one figure per model / population / device); images/s
-of a training step against sparsity per variant; stacked wall time per phase of each pipeline run.
+(hand-written findings), when present, is included after the header. Plots: speedup over the
+fastest baseline (``loop`` for runs without baselines) against sparsity, one line per engine (one
+figure per model / population / device); images/s of a training step against sparsity per
+variant; stacked wall time per phase of each pipeline run.
 """
 
 from __future__ import annotations
@@ -90,10 +91,15 @@ SCORING_KEYS = ("run_id", "preset", "model", "population", "batch", "image_size"
 def scoring_markdown(rows: list[dict]) -> list[str]:
     out = ["## Population scoring", "",
            "Time per call scoring the whole population on one batch (median of interleaved repeats, IQR relative "
-           "to the median); `x loop` = loop's median / this median (wall), `cpu x` the same with process CPU "
+           "to the median); `x base` = the median of the fastest baseline of that configuration (the fastest "
+           "of pruned-loop, vmap-pruned, torch-pruning, pruned-graph, compact-compile, compact-max-autotune "
+           "that ran; named in the table's header) / this median; `prune` = the seconds of a call the "
+           "baselines spend pruning or gathering weights (included in their time); "
+           "`x loop` = loop's median / this median (wall), `cpu x` the same with process CPU "
            "time (less sensitive to other processes' load), of which `sys` in the kernel, and the minor page faults "
            "per call; member-images/s = P x B / median; useful FLOP/s = "
-           "FLOPs of the live sub-networks / median, and its fraction of the device peak; memory = peak "
+           "FLOPs of the live sub-networks / median, and its fraction of the device peak (`% peak per CPU s`: on a "
+           "CPU, useful FLOPs per second of process CPU time / the matmul's FLOPs per CPU second); memory = peak "
            "held at once by the call (CUDA: max allocated; CPU: live tensor storages tracked op by op, or sampled "
            "RSS for compiled code); err = max |fitness - loop's| / max |loop's|; `% bw` = bytes moved "
            "(`fastweedout.cost.bytes.scoring_bytes`) per second / the memory bandwidth; the peak is that of the "
@@ -107,8 +113,12 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
         etas = sorted({r["eta"] for r in grp})
         engines = list(OrderedDict.fromkeys(r["engine"] for r in grp))
         by = {(r["engine"], r["eta"]): r for r in grp}
-        # pivot: speedup over loop
-        head = ["engine"] + [f"eta={e:g}" for e in etas]
+        base = {eta: next((r.get("baseline") for r in grp if r["eta"] == eta and r.get("baseline")), None)
+                for eta in etas}
+        # pivot: speedup over the fastest baseline of each eta (older runs, without baselines: over loop)
+        vs = "baseline" if any(base.values()) else "loop"
+        head = ["engine"] + [f"eta={e:g}" + (f" (vs {base[e]})" if vs == "baseline" and base[e] else "")
+                             for e in etas]
         piv = []
         for e in engines:
             cells = []
@@ -117,14 +127,18 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
                 if r is None or r.get("status") != "ok":
                     cells.append(r.get("status", "-") if r else "-")
                 else:
-                    c = _x(r.get("speedup_vs_loop"))
-                    if r.get("cpu_speedup_vs_loop"):
-                        c += f" (cpu {_x(r['cpu_speedup_vs_loop'])})"
+                    c = _x(r.get(f"speedup_vs_{vs}"))
+                    if r.get(f"cpu_speedup_vs_{vs}"):
+                        c += f" (cpu {_x(r[f'cpu_speedup_vs_{vs}'])})"
                     cells.append(c)
             piv.append([e] + cells)
-        out += ["Speedup over `loop` (wall; CPU time in brackets):", ""] + _table(head, piv) + [""]
-        head = ["eta", "engine", "median", "IQR", "cpu time", "sys time", "page faults", "x loop", "member-img/s",
-                "useful FLOP/s", "% peak", "% bw", "precision", "executed FLOPs", "memory", "chunk", "err", "note"]
+        title = ("Speedup over the fastest baseline of each eta (wall, against the baseline named in the header; "
+                 "in brackets process CPU time, against the baseline with the least CPU time; the masked `loop` "
+                 "is one more row):" if vs == "baseline" else "Speedup over `loop` (wall; CPU time in brackets):")
+        out += [title, ""] + _table(head, piv) + [""]
+        head = ["eta", "engine", "median", "IQR", "cpu time", "sys time", "page faults", "x base", "x loop",
+                "member-img/s", "useful FLOP/s", "% peak", "% peak per CPU s", "% bw", "precision", "executed FLOPs",
+                "memory", "chunk", "prune", "err", "note"]
         body = []
         for eta in etas:
             for e in engines:
@@ -134,11 +148,13 @@ def scoring_markdown(rows: list[dict]) -> list[str]:
                 t = r.get("timing") or {}
                 body.append([f"{eta:g}", e, fmt_s(_med(r)), _pct(_iqr(r), 0), fmt_s(t.get("cpu_median_s")),
                              fmt_s(t.get("sys_median_s")), fmt_num(t.get("minor_faults_median")),
-                             _x(r.get("speedup_vs_loop")), fmt_num(r.get("members_images_per_s")),
+                             _x(r.get("speedup_vs_baseline")), _x(r.get("speedup_vs_loop")),
+                             fmt_num(r.get("members_images_per_s")),
                              fmt_num(r.get("useful_flops_per_s"), "FLOP/s"), _pct(r.get("useful_fraction_of_peak"), 2),
+                             _pct(r.get("useful_fraction_of_cpu_peak"), 1),
                              _pct(r.get("bandwidth_fraction"), 0), r.get("precision") or r.get("dtype"),
                              fmt_num(r.get("executed_flops"), "FLOP"), fmt_num(r.get("peak_mem_bytes"), "B"),
-                             r.get("chunk_size") or "-",
+                             r.get("chunk_size") or "-", fmt_s(r.get("prune_s")),
                              "-" if r.get("fitness_rel_err") is None else f"{r['fitness_rel_err']:.1e}",
                              (r.get("status") if r.get("status") != "ok" else "") +
                              (" " + r["note"][:60] if r.get("note") else "") +
@@ -156,9 +172,9 @@ def scoring_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     for _key, grp in _groups(rows, SCORING_KEYS).items():
         r0 = grp[0]
         fig, ax = plt.subplots(figsize=(6, 4))
+        key = "speedup_vs_baseline" if any(r.get("speedup_vs_baseline") for r in grp) else "speedup_vs_loop"
         for e in OrderedDict.fromkeys(r["engine"] for r in grp):
-            pts = sorted((r["eta"], r["speedup_vs_loop"]) for r in grp
-                         if r["engine"] == e and r.get("speedup_vs_loop"))
+            pts = sorted((r["eta"], r[key]) for r in grp if r["engine"] == e and r.get(key))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -167,7 +183,8 @@ def scoring_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if str(v)[0] in "25" else ""))
         ax.set_xlabel("sparsity eta (fraction of nodes off per layer)")
-        ax.set_ylabel("speedup over loop (wall time)")
+        ax.set_ylabel("speedup over the fastest baseline (wall time)" if key == "speedup_vs_baseline"
+                      else "speedup over loop (wall time)")
         dev = r0.get("env", {}).get("device", "")
         ax.set_title(f"{r0['model']} P={r0['population']} B={r0['batch']} {r0['dtype']}\n{dev}", fontsize=9)
         ax.legend(fontsize=8)
@@ -175,6 +192,8 @@ def scoring_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         p = out_dir / (f"scoring-speedup-{slug(r0['model'])}-p{r0['population']}-b{r0['batch']}-{slug(r0['dtype'])}-"
                        f"{slug(r0.get('preset') or '')}-{slug(r0.get('env', {}).get('device_type', ''))}.png")
+        if p in paths:  # the same configuration on another machine of the same kind: its device in the name
+            p = p.with_name(f"{p.stem}-{slug(dev)}.png")
         _save(fig, p)
         plt.close(fig)
         paths.append(p)

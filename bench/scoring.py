@@ -11,7 +11,18 @@ Methods (the ``engine`` column):
   ``torch.func.functional_call`` of the reference masked network over the members' masks (the
   weights are shared, so vmap folds the members into the batch);
 * ``folded-compile``: the folded engine's forward + fitness under ``torch.compile`` (Inductor);
-  compile time is measured on the first call and reported separately.
+  compile time is measured on the first call and reported separately;
+* the baselines a user would write (``baselines.py``): ``pruned-loop`` (``model.prune`` per member,
+  then its forward), ``vmap-pruned`` (the pruned members stacked, ``vmap`` of ``functional_call``),
+  ``torch-pruning`` (Torch-Pruning's DepGraph per member, the ``bench`` extra), ``pruned-graph`` (a
+  pruned network in a CUDA graph, replayed per member with its weights copied in; CUDA only),
+  ``compact-compile`` (the compact engine under ``torch.compile``) and ``compact-max-autotune``
+  (the same with ``mode="max-autotune"``; CUDA only). Pruning time is inside their timed calls and
+  recorded (``prune_s``); a baseline that cannot run here is a skipped row with the reason.
+
+Speedups are stated against the **fastest baseline** of each configuration (the fastest of
+``baselines.BASELINE_SET`` that ran: ``speedup_vs_baseline``, with its name in ``baseline``) and,
+as one more reference, against ``loop`` (``speedup_vs_loop``).
 
 On a GPU every method runs channels_last (the model's weights and the images; the engines keep it),
 so the baselines are as fair as the engines.
@@ -21,12 +32,13 @@ Every method scores the same masks on the same images; its fitness is compared w
 CPU), members x images per second, useful and executed FLOPs (``fastweedout.engines.registry.scoring_flops``;
 2 FLOPs per multiply-add) per second, bytes moved (``fastweedout.cost.bytes.scoring_bytes``) per second,
 both roofline ratios (useful FLOP/s / the compute peak *of the precision that ran*, bytes/s / the
-memory bandwidth), peak memory, and the speedup over ``loop`` (wall time, and CPU time on CPU).
+memory bandwidth), peak memory, and both speedups (wall time, and CPU time on CPU).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,11 +49,12 @@ from torch import nn
 import fastweedout as fw
 from fastweedout.cost.bytes import scoring_bytes
 from fastweedout.engines import FoldedBackend, pad_multiple
-from fastweedout.engines.registry import scoring_flops
+from fastweedout.engines.registry import choose_engine, scoring_flops
 from fastweedout.engines.scoring import auto_chunk, member_losses, score_population
 from fastweedout.model.backend import MaskedBackend
 from fastweedout.ops import dispatch as ops
 
+from . import baselines as bl
 from .common import (
     Env,
     PeakMemory,
@@ -64,10 +77,25 @@ from .common import (
 CORE_ENGINES = ("loop", "folded", "compact")
 TRITON_ENGINES = ("folded-triton", "compact-triton")
 BASELINES = ("torch.func", "folded-compile")
-ALL_ENGINES = CORE_ENGINES + TRITON_ENGINES + BASELINES
-# scoring_flops rule for each method's executed FLOPs (vmap and compile run the folded computation).
+# the baselines a user would write (bench/baselines.py); the max-autotune compile last (the longest)
+USER_BASELINES = ("pruned-loop", "vmap-pruned", "torch-pruning", "pruned-graph", "compact-compile",
+                  "compact-max-autotune")
+ALL_ENGINES = CORE_ENGINES + TRITON_ENGINES + BASELINES + USER_BASELINES
+# scoring_flops rule for each method's executed FLOPs (vmap and compile run the folded computation;
+# "pruned": every member's pruned network, so executed = useful).
 FLOPS_RULE = {"loop": "loop", "folded": "folded", "compact": "compact", "folded-triton": "folded",
-              "compact-triton": "compact", "torch.func": "folded", "folded-compile": "folded"}
+              "compact-triton": "compact", "torch.func": "folded", "folded-compile": "folded",
+              "pruned-loop": "pruned", "vmap-pruned": "pruned", "torch-pruning": "pruned", "pruned-graph": "pruned",
+              "compact-compile": "compact", "compact-max-autotune": "compact"}
+VMAP_CPU_BUDGET = 2 << 30  # vmap-pruned's activations per chunk on a CPU (bytes)
+COMPILED = ("folded-compile", "compact-compile", "compact-max-autotune")  # compile_s recorded, memory by RSS
+# methods that run on a CUDA device only, and why not elsewhere
+CUDA_ONLY = {
+    "pruned-graph": "needs a CUDA device: a CUDA graph (torch.cuda.CUDAGraph) captures GPU kernel launches, "
+                    "and a CPU has none to capture",
+    "compact-max-autotune": "GPU only: mode='max-autotune' searches GPU kernel configurations (Triton templates, "
+                            "CUDA graphs); on a CPU compact-compile is the compiled baseline",
+}
 
 
 @dataclass
@@ -124,6 +152,7 @@ class ScoringRecord(Record):
     useful_flops_per_s: float | None = None
     executed_flops_per_s: float | None = None
     useful_fraction_of_peak: float | None = None  # useful FLOP/s / the peak of this row's precision
+    useful_fraction_of_cpu_peak: float | None = None  # CPU: useful FLOPs per CPU second / the matmul's
     peak_flops_per_s: float | None = None  # that peak
     bytes_moved: int | None = None  # per call (fastweedout.cost.bytes.scoring_bytes; None: no model for this method)
     bytes_per_s: float | None = None
@@ -134,6 +163,14 @@ class ScoringRecord(Record):
     mem_kind: str = ""
     speedup_vs_loop: float | None = None  # loop median wall / this median wall
     cpu_speedup_vs_loop: float | None = None  # same with CPU time (CPU runs)
+    baseline: str | None = None  # the fastest baseline of this configuration (baselines.BASELINE_SET), wall time
+    baseline_median_s: float | None = None
+    speedup_vs_baseline: float | None = None  # the fastest baseline's median wall / this median wall
+    cpu_baseline: str | None = None  # CPU runs: the baseline with the least process CPU time
+    cpu_speedup_vs_baseline: float | None = None  # that baseline's CPU time / this CPU time (CPU runs)
+    prune_s: float | None = None  # host seconds per call spent pruning / gathering weights (median; baselines)
+    auto_engine: str = ""  # what engine="auto" runs for these masks on this device
+    compile_mode: str | None = None
     fitness_rel_err: float | None = None  # max |f - f_loop| / max |f_loop|
 
 
@@ -231,6 +268,11 @@ def engines_here(cfg: ScoringConfig, device: torch.device) -> tuple[list[str], d
     if "loop" not in want:
         want.insert(0, "loop")  # every row's speedup and error are against loop
     skipped = {}
+    if device.type != "cuda":
+        for e, why in CUDA_ONLY.items():
+            if e in want:
+                want.remove(e)
+                skipped[e] = why
     ok, why = triton_status(device, cfg.interpreter_ok)
     if not ok:
         for e in TRITON_ENGINES:
@@ -274,7 +316,7 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
                                          "time budget spent before this configuration")
                 else:
                     rows = _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet,
-                                       cl)
+                                       cl, deadline)
                 append_jsonl(out_path, rows)
                 all_rows.extend(rows)
                 if not quiet:
@@ -298,9 +340,13 @@ def _work(model, masks, x, e: str, bn: str) -> tuple[dict, dict | None, str]:
     with ops.use_kernels(triton):  # the switch make_engine runs the method under
         pad = pad_multiple(x.device, x.dtype) if rule == "compact" else 1
     hw = (x.shape[2], x.shape[3])
+    if rule == "pruned":  # each member's pruned network: what runs is the live sub-network
+        fl = scoring_flops(model, masks, x.shape[0], hw, "loop")
+        fl["executed"] = fl["useful"]
+        return fl, None, rule  # no bytes model for these methods
     fl = scoring_flops(model, masks, x.shape[0], hw, rule, pad_multiple=pad)
-    by = None if e == "folded-compile" else scoring_bytes(model, masks, x.shape[0], hw, rule, bn=bn, kernels=triton,
-                                                           element_size=x.element_size(), pad_multiple=pad)
+    by = None if e in COMPILED else scoring_bytes(model, masks, x.shape[0], hw, rule, bn=bn, kernels=triton,
+                                                  element_size=x.element_size(), pad_multiple=pad)
     return fl, by, rule
 
 
@@ -315,9 +361,55 @@ def _skipped_rows(cfg, model, name, masks, x, eta, engines, env, rid, why):
     return rows
 
 
-def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet, cl):
+def _make(cfg, model, masks, x, y, e, folded_chunk, row) -> Callable:
+    """The callable that scores the population once with method ``e`` (raises bl.Unavailable)."""
+    p = masks.population
+    if e == "torch.func":
+        row.chunk_size = folded_chunk
+        return make_vmap_scorer(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk)
+    if e in COMPILED:
+        if p > cfg.compile_max_population:
+            raise bl.Unavailable(f"P={p} > compile_max_population={cfg.compile_max_population}")
+        if cfg.compile_backend != "inductor":
+            row.note = f"torch.compile backend {cfg.compile_backend}"
+        if e == "folded-compile":
+            row.chunk_size = folded_chunk
+            return make_compiled_folded(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk, cfg.compile_backend)
+        with ops.use_kernels(False):  # the compiled compact engine runs the PyTorch ops
+            row.chunk_size = cfg.chunk_size or auto_chunk(model, x, "compact", masks)
+        row.compile_mode = "max-autotune" if e == "compact-max-autotune" else "default"
+        return bl.make_compact_compile(model, masks, x, y, cfg.bn, cfg.metric, row.chunk_size,
+                                       mode="max-autotune" if e == "compact-max-autotune" else None,
+                                       backend=cfg.compile_backend)
+    if e == "pruned-loop":
+        row.chunk_size = 1
+        return bl.make_pruned_loop(model, masks, x, y, cfg.bn, cfg.metric)
+    if e == "vmap-pruned":  # as many members per vmap as fit (on a CPU within 2 GiB, not the cache-sized chunk)
+        row.chunk_size = cfg.chunk_size or auto_chunk(model, x, "folded", masks,
+                                                      budget_bytes=VMAP_CPU_BUDGET if x.device.type == "cpu" else None)
+        return bl.make_vmap_pruned(model, masks, x, y, cfg.bn, cfg.metric, row.chunk_size)
+    if e == "torch-pruning":
+        row.chunk_size = 1
+        return bl.make_torch_pruning(model, masks, x, y, cfg.bn, cfg.metric)
+    if e == "pruned-graph":
+        row.chunk_size = 1
+        return bl.make_pruned_graph(model, masks, x, y, cfg.bn, cfg.metric)
+    with ops.use_kernels(e.endswith("-triton")):
+        row.chunk_size = cfg.chunk_size or auto_chunk(model, x, e.replace("-triton", ""), masks)
+    return make_engine(model, masks, x, y, e, cfg.bn, cfg.metric, cfg.chunk_size)
+
+
+def fastest_baseline(timings: dict[str, Timing], cpu: bool = False) -> str | None:
+    """The baseline (of ``baselines.BASELINE_SET``) with the lowest median wall time (``cpu``: process CPU
+    time), of those timed."""
+    ran = [e for e in bl.BASELINE_SET if e in timings and (not cpu or timings[e].cpu_median_s)]
+    return min(ran, key=lambda e: timings[e].cpu_median_s if cpu else timings[e].median_s) if ran else None
+
+
+def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, env, rid, quiet, cl, deadline=None):
     p, b = masks.population, x.shape[0]
     base = _base(cfg, model, name, masks, x, eta, env, rid, cl)
+    base["auto_engine"] = choose_engine("node", masks, device)
     peak = device_peak(device, x.dtype)
     rows: dict[str, ScoringRecord] = {}
     fns: dict[str, Callable] = {}
@@ -329,25 +421,15 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
                             bytes_moved=by and by["total"], peak_flops_per_s=peak.flops_per_s,
                             peak_bytes_per_s=peak.bytes_per_s)
         rows[e] = row
+        if deadline is not None and e != "loop" and time.monotonic() > deadline:
+            row.status, row.note = "skipped", "time budget spent before this method"
+            continue
+        exact = e not in COMPILED  # compiled code: sampled RSS (a dispatch mode would disturb it)
         try:
-            if e == "torch.func":
-                fn = make_vmap_scorer(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk)
-                row.chunk_size = folded_chunk
-            elif e == "folded-compile":
-                if p > cfg.compile_max_population:
-                    row.status, row.note = "skipped", f"P={p} > compile_max_population={cfg.compile_max_population}"
-                    continue
-                fn = make_compiled_folded(model, masks, x, y, cfg.bn, cfg.metric, folded_chunk, cfg.compile_backend)
-                row.chunk_size = folded_chunk
-                if cfg.compile_backend != "inductor":
-                    row.note = f"torch.compile backend {cfg.compile_backend}"
-            else:
-                fn = make_engine(model, masks, x, y, e, cfg.bn, cfg.metric, cfg.chunk_size)
-                with ops.use_kernels(e.endswith("-triton")):
-                    row.chunk_size = cfg.chunk_size or auto_chunk(model, x, e.replace("-triton", ""), masks)
+            fn = _make(cfg, model, masks, x, y, e, folded_chunk, row)
             # The first call warms up (compilation, autotuning, allocator) and is timed on its own;
             # then `warmup` more calls, then (memory_call) one call measured for peak memory (never timed).
-            with PeakMemory(device, exact=e != "folded-compile") as pm0:
+            with PeakMemory(device, exact=exact) as pm0:
                 t0 = time.perf_counter()
                 fitness[e] = fn()
                 sync(device)
@@ -355,13 +437,16 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
             for _ in range(cfg.warmup):
                 fn()
             if cfg.memory_call:
-                with PeakMemory(device, exact=e != "folded-compile") as pm:
+                with PeakMemory(device, exact=exact) as pm:
                     fn()
                 row.peak_mem_bytes, row.mem_kind = pm.bytes, pm.kind
             else:
                 row.peak_mem_bytes, row.mem_kind = pm0.bytes, pm0.kind + " (first call)"
             fns[e] = fn
             progress(f"  [{name} P={p} eta={eta}] {e}: first call {fmt_s(row.first_call_s)}", quiet)
+        except bl.Unavailable as why:  # cannot run here or on these masks: the reason is the row's note
+            row.status, row.note = "skipped", str(why)[:500]
+            progress(f"  [{name} P={p} eta={eta}] {e}: skipped: {row.note}", quiet)
         except Exception as exc:  # a method that cannot run here (OOM, compiler error) is recorded, not fatal
             row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:500]
             progress(f"  [{name} P={p} eta={eta}] {e}: ERROR {row.note}", quiet)
@@ -384,18 +469,32 @@ def _one_config(cfg, model, name, masks, x, y, eta, engines, skipped, device, en
         rl = roofline(row.useful_flops, row.bytes_moved, med, peak)
         row.useful_fraction_of_peak = rl["flops_fraction_of_peak"]
         row.bytes_per_s, row.bandwidth_fraction = rl["bytes_per_s"], rl["bandwidth_fraction"]
-        if row.first_call_s is not None and e == "folded-compile":
+        if device.type == "cpu" and t.cpu_median_s and math.isfinite(peak.flops_per_cpu_s):
+            row.useful_fraction_of_cpu_peak = row.useful_flops / t.cpu_median_s / peak.flops_per_cpu_s
+        if row.first_call_s is not None and e in COMPILED:
             row.compile_s = max(0.0, row.first_call_s - med)
+        fn = fns[e]
+        if isinstance(fn, bl.Scorer) and fn.prunes and fn.prune_times:
+            row.prune_s = statistics.median(fn.prune_times[-cfg.repeats:])  # the timed calls'
         if ref is not None and e in fitness:
             f = fitness[e].float()
             row.fitness_rel_err = float((f - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-    if "loop" in timings:
-        lt = timings["loop"]
-        for e, row in rows.items():
-            if e in timings:
-                row.speedup_vs_loop = lt.median_s / timings[e].median_s
-                if lt.cpu_median_s and timings[e].cpu_median_s and device.type == "cpu":
-                    row.cpu_speedup_vs_loop = lt.cpu_median_s / timings[e].cpu_median_s
+    cpu = device.type == "cpu"
+    wall_base, cpu_base = fastest_baseline(timings), fastest_baseline(timings, cpu=True) if cpu else None
+    for e, row in rows.items():
+        if e not in timings:
+            continue
+        own = timings[e]
+        if "loop" in timings:
+            row.speedup_vs_loop = timings["loop"].median_s / own.median_s
+            if cpu and timings["loop"].cpu_median_s and own.cpu_median_s:
+                row.cpu_speedup_vs_loop = timings["loop"].cpu_median_s / own.cpu_median_s
+        if wall_base is not None:
+            row.baseline, row.baseline_median_s = wall_base, timings[wall_base].median_s
+            row.speedup_vs_baseline = timings[wall_base].median_s / own.median_s
+        if cpu_base is not None and own.cpu_median_s:
+            row.cpu_baseline = cpu_base
+            row.cpu_speedup_vs_baseline = timings[cpu_base].cpu_median_s / own.cpu_median_s
     out = list(rows.values())
     for e, why in skipped.items():
         fl, by, rule = _work(model, masks, x, e, cfg.bn)
@@ -420,20 +519,25 @@ def format_table(rows: list[ScoringRecord | dict]) -> str:
             f"{r0['image_size']}  eta={r0['eta']}  bn={r0['bn']}  {r0['dtype']} ({r0.get('precision')})  load "
             f"{r0['load_avg_before']}"
             f" -> {r0['load_avg_after']}")
-    lines = [head, f"  {'engine':<15}{'median':>10}{'IQR':>6}{'cpu':>10}{'x loop':>8}{'cpu x':>7}"
-                   f"{'memb*img/s':>11}{'useful':>14}{'%peak':>7}{'%bw':>6}{'mem':>10}{'err':>9}  note"]
+    base = next((r.get("baseline") for r in rows if r.get("baseline")), None)
+    cbase = next((r.get("cpu_baseline") for r in rows if r.get("cpu_baseline")), None)
+    head += (f"\n  x base = the fastest baseline's median / this median (fastest baseline: {base or 'none ran'}); "
+             f"cpu x = the same in process CPU time" + (f" (fastest by CPU time: {cbase})" if cbase else ""))
+    lines = [head, f"  {'engine':<21}{'median':>10}{'IQR':>6}{'cpu':>10}{'x base':>8}{'cpu x':>7}{'x loop':>8}"
+                   f"{'memb*img/s':>11}{'useful':>14}{'%peak':>7}{'%bw':>6}{'mem':>10}{'prune':>9}{'err':>9}  note"]
     for r in rows:
         t = r.get("timing") or {}
         med = t.get("median_s")
         iqr = (t["q75_s"] - t["q25_s"]) / med if med else None
         frac = r.get("useful_fraction_of_peak")
         lines.append(
-            f"  {r['engine']:<15}{fmt_s(med):>10}{_f(iqr, '.0%'):>6}{fmt_s(t.get('cpu_median_s')):>10}"
-            f"{_f(r.get('speedup_vs_loop'), '.2f'):>8}{_f(r.get('cpu_speedup_vs_loop'), '.2f'):>7}"
+            f"  {r['engine']:<21}{fmt_s(med):>10}{_f(iqr, '.0%'):>6}{fmt_s(t.get('cpu_median_s')):>10}"
+            f"{_f(r.get('speedup_vs_baseline'), '.2f'):>8}{_f(r.get('cpu_speedup_vs_baseline'), '.2f'):>7}"
+            f"{_f(r.get('speedup_vs_loop'), '.2f'):>8}"
             f"{fmt_num(r.get('members_images_per_s')):>11}{fmt_num(r.get('useful_flops_per_s'), 'FLOP/s'):>14}"
             f"{_f(None if frac is None else 100 * frac, '.1f'):>7}"
             f"{_f(None if r.get('bandwidth_fraction') is None else 100 * r['bandwidth_fraction'], '.0f'):>6}"
-            f"{fmt_num(r.get('peak_mem_bytes'), 'B'):>10}"
+            f"{fmt_num(r.get('peak_mem_bytes'), 'B'):>10}{fmt_s(r.get('prune_s')):>9}"
             f"{_f(r.get('fitness_rel_err'), '.1e'):>9}"
             f"  {'' if r['status'] == 'ok' else r['status']} {(r.get('note') or '')[:70]}")
     return "\n".join(lines)

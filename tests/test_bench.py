@@ -13,9 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastweedout as fw
+from bench import baselines as bl
 from bench import cli
+from bench.baselines import BASELINE_SET
 from bench.common import Record, Timing, append_jsonl, read_jsonl
-from bench.report import build_report, latest_runs
+from bench.engines import print_summary
+from bench.report import build_report, latest_runs, scoring_markdown
+from bench.scoring import ScoringConfig, fastest_baseline, format_table, run_scoring
+from fastweedout.engines.scoring import score_population
+from helpers import randomize_bn
+from tolerances import FITNESS_RTOL, TOL
 
 SAMPLE = Path(__file__).parent / "data" / "bench_results_sample.jsonl"
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +69,8 @@ def test_all_smoke_end_to_end(tmp_path, one_thread):
     scoring = _rows(tmp_path / "scoring.jsonl")
     etas = {0.0, 0.5}
     ok = [r for r in scoring if r["status"] == "ok"]
-    assert {(r["engine"], r["eta"]) for r in ok} == {(e, eta) for e in ("loop", "folded", "compact", "torch.func")
-                                                     for eta in etas}
+    assert {(r["engine"], r["eta"]) for r in ok} == {(e, eta) for e in ("loop", "folded", "compact", "torch.func",
+                                                                         "pruned-loop") for eta in etas}
     for r in scoring:
         _check_common(r, "scoring", "smoke")
         assert r["model"] == "wrn_10_1" and r["population"] == 3 and r["batch"] == 4
@@ -76,7 +84,7 @@ def test_all_smoke_end_to_end(tmp_path, one_thread):
         assert r["useful_flops_per_s"] == pytest.approx(r["useful_flops"] / r["timing"]["median_s"])
         assert 0 < r["useful_fraction_of_peak"] < 1
         assert r["precision"] in (("tf32", "fp32") if torch.cuda.is_available() else ("fp32",))
-        if r["engine"] != "folded-compile":  # bytes moved and the bandwidth roofline beside the FLOPs
+        if r["flops_rule"] != "pruned":  # bytes moved and the bandwidth roofline beside the FLOPs
             assert r["bytes_moved"] > 0
             assert r["bytes_per_s"] == pytest.approx(r["bytes_moved"] / r["timing"]["median_s"])
             assert 0 < r["bandwidth_fraction"] < 10
@@ -85,14 +93,19 @@ def test_all_smoke_end_to_end(tmp_path, one_thread):
         assert r["peak_mem_bytes"] > 0 and r["mem_kind"] == kind
         loop = next(x for x in ok if x["engine"] == "loop" and x["eta"] == r["eta"])
         assert r["speedup_vs_loop"] == pytest.approx(loop["timing"]["median_s"] / r["timing"]["median_s"])
+        base = next(x for x in ok if x["engine"] == "pruned-loop" and x["eta"] == r["eta"])  # the only baseline
+        assert r["baseline"] == "pruned-loop" and r["auto_engine"] in ("folded", "compact")
+        assert r["speedup_vs_baseline"] == pytest.approx(base["timing"]["median_s"] / r["timing"]["median_s"])
     # Triton variants are recorded as skipped on CPU (the interpreter is not a benchmark)
     if not torch.cuda.is_available():
         sk = [r for r in scoring if r["status"] == "skipped"]
         assert {r["engine"] for r in sk} == {"folded-triton", "compact-triton"}
-    # compact executes fewer FLOPs at eta=0.5; loop/folded execute the dense network's
+    # compact executes fewer FLOPs at eta=0.5; loop/folded execute the dense network's; the pruned
+    # networks execute exactly the live sub-networks
     ex = {(r["engine"], r["eta"]): r["executed_flops"] for r in ok}
     assert ex[("compact", 0.5)] < 0.5 * ex[("folded", 0.5)]
     assert ex[("loop", 0.5)] == ex[("loop", 0.0)]
+    assert all(r["executed_flops"] == r["useful_flops"] for r in ok if r["engine"] == "pruned-loop")
 
     training = _rows(tmp_path / "training.jsonl")
     assert {(r["eta"], r["variant"]) for r in training} == {(0.0, "dense"), (0.5, "pruned"), (0.5, "masked")}
@@ -230,12 +243,18 @@ def test_gpu_dry_run(tmp_path, one_thread, capsys):
         if r["op"] == "conv":
             assert r["flops_fraction_of_peak"] > 0 and r["speedup_vs_cudnn_grouped"] > 0
     scoring = _rows(tmp_path / "scoring.jsonl")
-    assert {r["engine"] for r in scoring if r["status"] == "ok"} == {
-        "loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func", "folded-compile"}
+    ok = {"loop", "folded", "compact", "folded-triton", "compact-triton", "torch.func", "folded-compile",
+          "pruned-loop", "vmap-pruned", "compact-compile"} | ({"torch-pruning"} if _has_torch_pruning() else set())
+    assert {r["engine"] for r in scoring if r["status"] == "ok"} == ok
     for r in scoring:
         _check_common(r, "scoring", "gpu-dry-run")
         assert r["env"]["git_rev"] and r["env"]["torch"] and r["precision"] == "fp32"
-        assert r["useful_fraction_of_peak"] > 0 and r["fitness_rel_err"] < 1e-4
+        if r["status"] == "ok":
+            assert r["useful_fraction_of_peak"] > 0 and r["fitness_rel_err"] < 1e-4
+            assert r["baseline"] in BASELINE_SET and r["speedup_vs_baseline"] > 0
+        else:  # on a CPU: the CUDA-only baselines, with the reason (and torch-pruning where it is not installed)
+            assert r["status"] == "skipped" and r["note"]
+            assert r["engine"] in {"pruned-graph", "compact-max-autotune", "torch-pruning"} - ok
     training = _rows(tmp_path / "training.jsonl")
     assert {r["variant"] for r in training} == {"dense", "pruned"} and all(r["compiled"] for r in training)
     assert "== bench gpu --dry-run" in out and "compact-triton / folded" in out
@@ -284,3 +303,172 @@ def test_timing_statistics():
     assert (t.min_s, t.median_s, t.max_s, t.repeats) == (1.0, 2.5, 10.0, 4)
     assert t.q25_s <= t.median_s <= t.q75_s and t.cpu_median_s == 1.0
     assert math.isclose(Timing.of([2.0]).median_s, 2.0)
+
+
+
+# ------------------------------------------------------------------------------------ the baselines
+def _has_torch_pruning() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _single_live(model, population: int) -> fw.Masks:
+    """One live node per node set, a different one per member (same live counts: layerwise shapes)."""
+    out = {}
+    for name, c in model.node_layers().items():
+        m = torch.zeros(population, c, dtype=torch.bool)
+        m[torch.arange(population), (torch.arange(population) * 3 + 1) % c] = True
+        out[name] = m
+    return fw.Masks(out)
+
+
+def _tiny(kind: str, mode: str = "layerwise"):
+    """WRN-10-1 with non-trivial BN state, 4 images of 3x8x8, P=3 masks: all live (eta=0), half off, or one
+    live channel per node set."""
+    model = randomize_bn(fw.create_model("wrn_10_1")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    if kind == "single":
+        return model, _single_live(model, 3), x, y
+    masks = fw.sample_masks(model, 3, {"all": 0.0, "half": 0.5}[kind], mode, torch.Generator().manual_seed(1))
+    return model, masks, x, y
+
+
+def _baseline(name: str, model, masks, x, y, bn: str, backend: str = "aot_eager"):
+    if name == "pruned-loop":
+        return bl.make_pruned_loop(model, masks, x, y, bn, "loss")
+    if name == "vmap-pruned":
+        return bl.make_vmap_pruned(model, masks, x, y, bn, "loss", chunk=2)  # two chunks: 2 + 1 members
+    if name == "torch-pruning":
+        return bl.make_torch_pruning(model, masks, x, y, bn, "loss")
+    if name == "pruned-graph":  # on a CPU: the static buffers replayed eagerly (the graph itself needs CUDA)
+        return bl.make_pruned_graph(model, masks, x, y, bn, "loss", capture=torch.cuda.is_available())
+    return bl.make_compact_compile(model, masks, x, y, bn, "loss", chunk=2, backend=backend)
+
+
+@pytest.mark.parametrize("bn", ["batch", "running"])
+@pytest.mark.parametrize("kind", ["all", "half", "single"])
+@pytest.mark.parametrize("name", ["pruned-loop", "vmap-pruned", "torch-pruning", "pruned-graph", "compact-compile"])
+def test_baseline_fitness_equals_loop(name, kind, bn, one_thread):
+    """Every baseline scores the same fitness as `loop` (fp32 tolerances), at eta=0, at eta=0.5 and with
+    one live channel per node set, in both BN modes; the model is left as it was."""
+    if name == "torch-pruning" and not _has_torch_pruning():
+        pytest.skip("torch-pruning is not installed (pip install -e '.[bench]')")
+    model, masks, x, y = _tiny(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = score_population(model, masks, x, y, engine="loop", bn=bn)
+    fn = _baseline(name, model, masks, x, y, bn)
+    for _ in range(2):  # a second call (compiled: no recompilation needed) gives the same
+        got = fn()
+        atol, rtol = TOL[torch.float32]
+        torch.testing.assert_close(got, ref, atol=atol, rtol=rtol)
+        assert float((got - ref).abs().max() / ref.abs().max()) < FITNESS_RTOL
+    if fn.prunes:
+        assert len(fn.prune_times) == 2 and all(t > 0 for t in fn.prune_times)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_compact_compile_inductor_equals_loop(one_thread):
+    """compact-compile with Inductor itself (the other cases use aot_eager, which checks the traced path fast)."""
+    model, masks, x, y = _tiny("half")
+    ref = score_population(model, masks, x, y, engine="loop")
+    got = _baseline("compact-compile", model, masks, x, y, "batch", backend="inductor")()
+    torch.testing.assert_close(got, ref, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][1])
+
+
+def test_pruned_index_plan_gathers_what_prune_does():
+    """pruned-graph's static-buffer gather writes exactly model.prune(member)'s state, for every member."""
+    model = randomize_bn(fw.create_model("wrn_10_2"))  # width 2: a stem node set and a stage-1 projection
+    masks = fw.sample_masks(model, 3, 0.6, generator=2)
+    st = bl.StaticPruned(model, masks)
+    idx = st.live_indices()
+    for i in range(3):
+        st.load(idx, i)
+        want = model.prune(masks.member(i)).state_dict()
+        for k, v in st.net.state_dict().items():
+            assert torch.equal(v, want[k]), (i, k)
+
+
+def _cfg(engines, mode="layerwise", etas=(0.5,), repeats=1, **kw) -> ScoringConfig:
+    return ScoringConfig(models=["wrn_10_1"], populations=[3], etas=list(etas), batch=4, image_size=8,
+                         repeats=repeats, engines=list(engines), mode=mode, memory_call=False,
+                         compile_backend="aot_eager", preset="test", **kw)
+
+
+def test_unavailable_baselines_are_skipped_with_the_reason(tmp_path, one_thread, monkeypatch):
+    """Global sparsity (live counts differ per member): vmap-pruned and pruned-graph cannot hold one set of
+    shapes; on a CPU pruned-graph and compact-max-autotune need a GPU; torch-pruning without the package."""
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # `import torch_pruning` raises ImportError
+    rows = run_scoring(_cfg(["loop", "vmap-pruned", "pruned-graph", "compact-max-autotune", "torch-pruning",
+                             "pruned-loop"], mode="global"), torch.device("cpu"), tmp_path / "s.jsonl", quiet=True)
+    by = {r.engine: r for r in rows}
+    assert by["loop"].status == by["pruned-loop"].status == "ok"
+    assert by["pruned-loop"].fitness_rel_err < FITNESS_RTOL  # per-member pruning handles any live counts
+    assert by["vmap-pruned"].status == "skipped" and "live counts differ" in by["vmap-pruned"].note
+    assert by["torch-pruning"].status == "skipped" and "not installed" in by["torch-pruning"].note
+    assert "[bench]" in by["torch-pruning"].note
+    if not torch.cuda.is_available():
+        assert by["pruned-graph"].status == "skipped" and "CUDA" in by["pruned-graph"].note
+        assert by["compact-max-autotune"].status == "skipped" and "GPU only" in by["compact-max-autotune"].note
+    on_disk = {r["engine"]: r for r in _rows(tmp_path / "s.jsonl")}
+    assert on_disk["vmap-pruned"]["note"] == by["vmap-pruned"].note
+    with pytest.raises(bl.Unavailable, match="one set of shapes"):  # on any device: one graph, one set of shapes
+        bl.StaticPruned(*_tiny("half", mode="global")[:2])
+
+
+def test_torch_pruning_that_cannot_express_the_masks_is_skipped(tmp_path, one_thread, monkeypatch):
+    """If DepGraph's pruning does not give model.prune's shapes (a residual stream's shared mask not
+    propagated to every convolution added into it), the row is skipped and says which tensors differ."""
+    import copy
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", types.ModuleType("torch_pruning"))
+
+    def uncoupled(model, member, example):  # prunes each block's own convolutions, not the shared stream
+        net = copy.deepcopy(model)
+        for blk in net.blocks():
+            keep = torch.nonzero(member[blk.inner_set]).flatten()
+            blk.conv1.weight = torch.nn.Parameter(blk.conv1.weight[keep])
+        return net
+
+    monkeypatch.setattr(bl, "torch_pruning_prune", uncoupled)
+    rows = {r.engine: r for r in run_scoring(_cfg(["loop", "torch-pruning"]), torch.device("cpu"),
+                                             tmp_path / "s.jsonl", quiet=True)}
+    r = rows["torch-pruning"]
+    assert r.status == "skipped" and "cannot express" in r.note and "residual stream" in r.note
+    assert "pruned tensors differ from model.prune's" in r.note and ".weight" in r.note
+
+
+def test_times_fastest_baseline_is_computed_from_the_fastest_baseline_row(tmp_path, one_thread, capsys):
+    """Every row's `x base` = the fastest baseline's median / its own; the baseline itself reads 1.00x;
+    engines that are not baselines (compact, loop) never count as the fastest; tables and the engine
+    summary state it."""
+    rows = run_scoring(_cfg(["loop", "compact", "pruned-loop", "vmap-pruned", "pruned-graph"], etas=(0.0, 0.5),
+                            repeats=2), torch.device("cpu"), tmp_path / "s.jsonl", quiet=True)
+    for eta in (0.0, 0.5):
+        grp = [r for r in rows if r.eta == eta and r.status == "ok"]
+        bases = [r for r in grp if r.engine in BASELINE_SET]
+        fastest = min(bases, key=lambda r: r.timing["median_s"])
+        by_cpu = min(bases, key=lambda r: r.timing["cpu_median_s"])  # on a CPU: also in process CPU time
+        for r in grp:
+            assert r.baseline == fastest.engine and r.baseline_median_s == fastest.timing["median_s"]
+            assert r.speedup_vs_baseline == pytest.approx(fastest.timing["median_s"] / r.timing["median_s"])
+            assert r.cpu_baseline == by_cpu.engine
+            assert r.cpu_speedup_vs_baseline == pytest.approx(by_cpu.timing["cpu_median_s"] / r.timing["cpu_median_s"])
+            assert 0 < r.useful_fraction_of_cpu_peak < 1.5
+        assert fastest.speedup_vs_baseline == pytest.approx(1.0)
+        assert f"fastest baseline: {fastest.engine}" in format_table(grp)
+    capsys.readouterr()
+    text = print_summary(rows)
+    assert "fastest baseline: eta=0 " in text and "auto no slower than the fastest baseline" in text
+    assert "pruned-graph (eta 0, 0.5): skipped" in text or torch.cuda.is_available()
+    md = "\n".join(scoring_markdown([vars(r) for r in rows]))
+    assert "Speedup over the fastest baseline" in md and "(vs " in md and "| x base |" in md
+    # the rule alone: the lowest median among the baselines that ran, whatever ran faster outside them
+    t = {k: Timing.of([v]) for k, v in {"loop": 1.0, "compact": 0.1, "pruned-loop": 0.5, "vmap-pruned": 0.3,
+                                         "folded-compile": 0.05}.items()}
+    assert fastest_baseline(t) == "vmap-pruned" and fastest_baseline({"loop": t["loop"]}) is None
