@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import fastweedout as fw
-from fastweedout.search.member_steps import StepStream, _batched_fitness, _one_at_a_time, score_after_steps
+from fastweedout.search.member_steps import StepStream, batched_fitness, one_at_a_time, score_after_steps
 
 from .common import (
     Env,
@@ -77,11 +77,11 @@ def run_member_steps(cfg: MemberStepsConfig, device: torch.device, out_path, *, 
     for eta in cfg.etas:
         pop = fw.sample_masks(model, cfg.population, eta, generator=0)
         flops = score_after_steps(model, pop.select([0]), x, y, stream, search)[2]["useful"] * cfg.population
-        alone = _one_at_a_time(model, pop, x, y, stream, search)
-        batched = _batched_fitness(model, pop, x, y, stream, search)[0]
+        alone = one_at_a_time(model, pop, x, y, stream, search)
+        batched = batched_fitness(model, pop, x, y, stream, search)[0]
         diff = float((alone - batched).abs().max())
-        fns = {"one-at-a-time": lambda pop=pop: _one_at_a_time(model, pop, x, y, stream, search),
-               "batched": lambda pop=pop: _batched_fitness(model, pop, x, y, stream, search)}
+        fns = {"one-at-a-time": lambda pop=pop: one_at_a_time(model, pop, x, y, stream, search),
+               "batched": lambda pop=pop: batched_fitness(model, pop, x, y, stream, search)}
         load0 = load_average()
         times = interleaved(fns, device, cfg.repeats)
         group = []

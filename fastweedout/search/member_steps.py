@@ -183,8 +183,5 @@ def one_at_a_time(model: WideResNet, masks: Masks, images: Tensor, labels: Tenso
     return torch.cat(fit)
 
 
-# the names bench/member_steps.py still imports (until it uses the public ones)
-_batched_fitness, _one_at_a_time = batched_fitness, one_at_a_time
-
 __all__ = ["StepStream", "batched_fitness", "batched_ok", "one_at_a_time", "score_after_steps", "train_member",
            "use_batched"]
