@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_DIR = ROOT / "fastweedout" / "kernels"
+KERNEL_DIR = ROOT / "fastweedout" / "ops" / "triton"
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
 
 
@@ -214,6 +214,7 @@ def compile_variant(v: dict, sm: int = 90) -> dict:
 
 
 def _tagged_lines() -> dict[str, set[int]]:
+    assert KERNEL_DIR.is_dir(), f"{KERNEL_DIR}: the kernels moved"
     out = {}
     for f in KERNEL_DIR.glob("*.py"):
         lines = {i for i, line in enumerate(f.read_text().splitlines(), 1)
