@@ -309,8 +309,9 @@ def to_markdown(col: Collection, conds: list[Condition], comps: list[dict], prim
                 out += ["", f"### {title} (paired by seed)", ""] + comparison_table(rows, what, name)
         out += [""] + convergence_tables(mine, [r for r in comps if r["experiment"] == exp and
                                                  r["against"] == "random"], name)
-        out += robustness_table(mine, name)
-        out += [""] + emergence_table(emerged or [], exp, lambda k, mine=mine: label(k, {x.series for x in mine} | {k}))
+        short = lambda k, mine=mine: label(k, {x.series for x in mine} | {k})  # noqa: E731
+        for extra in (robustness_table(mine, name), emergence_table(emerged or [], exp, short)):
+            out += [""] + extra if extra else []
         elite = [c for c in mine if any(r.elite_wins is not None for r in c.runs)]
         if elite:
             out += ["", "### The search: how often the carried-over elite won a generation", "",
