@@ -85,14 +85,20 @@ def _prune(model: fw.WideResNet, member: dict, channels_last: bool) -> fw.WideRe
 def make_pruned_loop(model, masks, x, y, bn: str, metric: str) -> Scorer:
     cl = x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
 
+    return _prune_then_forward(lambda member: _prune(model, member, cl), masks, x, y, bn, metric)
+
+
+def _prune_then_forward(prune, masks, x, y, bn: str, metric: str) -> Scorer:
+    """Per member: ``prune(member)`` (timed into the scorer's ``prune_times``), then its forward."""
+
     @torch.no_grad()
     def run(s: Scorer) -> Tensor:
         logits, pruning = [], 0.0
         for i in range(masks.population):
             t0 = time.perf_counter()
-            small = _prune(model, masks.member(i), cl)
+            net = prune(masks.member(i))
             pruning += time.perf_counter() - t0
-            logits.append(small(x, bn=bn))
+            logits.append(net(x, bn=bn))
         s.prune_times.append(pruning)
         return member_losses(torch.stack(logits), y, metric).cpu()
 
@@ -185,20 +191,11 @@ def make_torch_pruning(model, masks, x, y, bn: str, metric: str) -> Scorer:
                           f"model.prune's, e.g. {'; '.join(bad[:2])} (a residual stream's channels are one mask "
                           "shared by every convolution added into it, the projection shortcut included)")
 
-    @torch.no_grad()
-    def run(s: Scorer) -> Tensor:
-        logits, pruning = [], 0.0
-        for i in range(masks.population):
-            t0 = time.perf_counter()
-            net = torch_pruning_prune(model, masks.member(i), example)
-            if cl:
-                net = net.to(memory_format=torch.channels_last)
-            pruning += time.perf_counter() - t0
-            logits.append(net(x, bn=bn))
-        s.prune_times.append(pruning)
-        return member_losses(torch.stack(logits), y, metric).cpu()
+    def prune(member):
+        net = torch_pruning_prune(model, member, example)
+        return net.to(memory_format=torch.channels_last) if cl else net
 
-    return Scorer(run)
+    return _prune_then_forward(prune, masks, x, y, bn, metric)
 
 
 # ------------------------------------------------------------------------------------ compact-compile
