@@ -83,7 +83,7 @@ def _prune(model: fw.WideResNet, member: dict, channels_last: bool) -> fw.WideRe
 
 # ------------------------------------------------------------------------------------ pruned-loop
 def make_pruned_loop(model, masks, x, y, bn: str, metric: str) -> Scorer:
-    cl = x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    cl = x.is_contiguous(memory_format=torch.channels_last)
 
     return _prune_then_forward(lambda member: _prune(model, member, cl), masks, x, y, bn, metric)
 
@@ -112,7 +112,7 @@ def make_vmap_pruned(model, masks, x, y, bn: str, metric: str, chunk: int) -> Sc
     if not masks.is_uniform():
         raise Unavailable("members' live counts differ (not layerwise sparsity): their pruned networks have "
                           "different shapes, which stack_module_state cannot stack")
-    cl = x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    cl = x.is_contiguous(memory_format=torch.channels_last)
     base = model.prune(masks.member(0)).to("meta")  # the structure; the state comes per call
 
     def one(params, buffers, xb):
@@ -178,7 +178,7 @@ def make_torch_pruning(model, masks, x, y, bn: str, metric: str) -> Scorer:
         import torch_pruning  # noqa: F401
     except ImportError as e:
         raise Unavailable(f"torch-pruning is not installed (pip install -e '.[bench]'): {e}") from e
-    cl = x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    cl = x.is_contiguous(memory_format=torch.channels_last)
     example = x[:1]
     member0 = masks.member(0)
     try:
@@ -286,7 +286,7 @@ def make_pruned_graph(model, masks, x, y, bn: str, metric: str, *, capture: bool
     if capture and x.device.type != "cuda":
         raise Unavailable("needs a CUDA device: a CUDA graph (torch.cuda.CUDAGraph) captures GPU kernel "
                           "launches, and a CPU has none to capture")
-    cl = x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    cl = x.is_contiguous(memory_format=torch.channels_last)
     st = StaticPruned(model, masks, channels_last=cl)
     xs = x.clone()
     if capture:

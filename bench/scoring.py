@@ -24,8 +24,9 @@ Speedups are stated against the **fastest baseline** of each configuration (the 
 ``baselines.BASELINE_SET`` that ran: ``speedup_vs_baseline``, with its name in ``baseline``) and,
 as one more reference, against ``loop`` (``speedup_vs_loop``).
 
-On a GPU every method runs channels_last (the model's weights and the images; the engines keep it),
-so the baselines are as fair as the engines.
+Every method runs channels_last by default, on a GPU and on a CPU (the model's weights and the
+images; the engines keep it): it is the faster layout for cuDNN and for oneDNN alike, so the baselines
+get it as the engines do (``--channels-last false`` measures the other).
 
 Every method scores the same masks on the same images; its fitness is compared with ``loop``'s
 (``fitness_rel_err``). Reports time (median, quartiles, min/max of interleaved repeats; CPU time on
@@ -117,7 +118,7 @@ class ScoringConfig:
     chunk_size: int | None = None  # None: each engine's automatic chunking
     compile_max_population: int = 100  # skip folded-compile above this (compile time grows with P)
     compile_backend: str = "inductor"  # aot_eager: checks the compiled baseline's path quickly (dry runs)
-    channels_last: bool | None = None  # None: on CUDA
+    channels_last: bool | None = None  # None: on (every device)
     memory_call: bool = True  # one extra untimed call measures peak memory (False: the first call does)
     interpreter_ok: bool = False  # run the Triton variants under Triton's interpreter too (dry runs: checks the path)
     seed: int = 0
@@ -292,7 +293,7 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
     env = Env.capture(device, peak)
     rid = run_id()
     engines, skipped = engines_here(cfg, device)
-    cl = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    cl = True if cfg.channels_last is None else cfg.channels_last
     progress(f"[scoring] device={env.device} threads={env.threads} peak={fmt_num(peak.flops_per_s, 'FLOP/s')} "
              f"{peak.dtype} ({peak.source}) engines={engines} skipped={list(skipped)} load={load_average()}", quiet)
     # cudnn.benchmark stays as the library leaves it (off): a search meets each shape a few times, and

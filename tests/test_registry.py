@@ -83,8 +83,10 @@ def test_search_counts_the_padding_the_engine_ran():
     assert r.flops_executed > registry.scoring_flops(m, pop, 4, 8, "compact")["executed"]  # unpadded, on CPU
 
 
-def test_during_training_counts_the_engine_auto_chose(tmp_path):
-    """The throughout arm assumed ``auto`` means compact; below auto's sparsity threshold it folds."""
+def test_during_training_counts_the_engine_auto_chose(tmp_path, monkeypatch):
+    """The throughout arm assumed ``auto`` means compact; where auto folds (a GPU, below its sparsity
+    threshold: here forced on the CPU) it must count the folded engine's FLOPs."""
+    monkeypatch.setattr(registry, "choose_engine", lambda space, masks, device: "folded")
     from fastweedout.config import DataConfig, ModelConfig, Runtime, ThroughoutConfig, make_run_config
     from fastweedout.experiment.pipeline import execute_run
 
@@ -98,10 +100,17 @@ def test_during_training_counts_the_engine_auto_chose(tmp_path):
     search = next(x for x in recs if x.get("phase") == "search")
     model = fw.WideResNet(10, 1, num_classes=10, in_channels=1)  # the synthetic set's
     masks = fw.sample_masks(model, 2, 0.05, generator=0)
-    assert registry.choose_engine("node", masks, torch.device("cpu")) == "folded"
     folded = registry.scoring_flops(model, masks, 16, 8, "folded")["executed"]
     compact = registry.scoring_flops(model, masks, 16, 8, "compact")["executed"]
     assert folded != compact and search["flops_executed"] == search["scorings"] * folded
+
+
+def test_auto_compacts_on_a_cpu_and_folds_dense_masks_on_a_gpu():
+    model = fw.WideResNet(10, 1, num_classes=10, in_channels=1)
+    for eta in (0.0, 0.05, 0.5):
+        masks = fw.sample_masks(model, 2, eta, generator=0)
+        assert registry.choose_engine("node", masks, torch.device("cpu")) == "compact"
+        assert registry.choose_engine("node", masks, torch.device("cuda")) == ("compact" if eta >= 0.2 else "folded")
 
 
 def test_a_pruning_method_is_one_registry_entry(monkeypatch):
