@@ -5,9 +5,12 @@ cuDNN and each fused epilogue against copy bandwidth, on the same harness as eve
 * ``conv`` rows, per stage and eta (each stage's 3x3 stride-1 conv on the live channels K = (1-eta) C,
   rounded up to 16 as the engine pads them): ``triton`` (the grouped implicit-GEMM kernel),
   ``triton_fused`` (with the BN-ReLU-mask prologue, the residual and the statistics epilogue: the
-  compact engine's conv2), ``cudnn_grouped`` (``F.conv2d(groups=P)`` on the same compacted work) and
-  ``dense_folded`` (the folded engine's conv: all members at full width). Useful FLOPs are those of the
-  live channels; the roofline ratios use the peak of the precision that ran.
+  compact engine's conv2), on a GPU also ``triton_fused@BMxBNxBKxWARPSxSTAGES[xPER_SM]`` at
+  every launch config of ``_conv.GPU_CONFIGS`` (the persistent grouped-GEMM schedule among them: the
+  rows from which the per-stage tile table is chosen), ``cudnn_grouped`` (``F.conv2d(groups=P)`` on
+  the same compacted work) and ``dense_folded`` (the folded engine's conv: all members at full
+  width). Useful FLOPs are those of the live channels; the roofline ratios use the peak of the
+  precision that ran.
 * ``epilogue`` rows, per stage, on the folded layout ``[P*B, C, H, W]`` and the compact layout
   ``[B, P*K, H, W]`` (channels_last): ``copy`` (``y.copy_(x)``, the bandwidth reference), the Triton
   ``bn_running`` (one pass), ``bn_batch`` (statistics + apply), ``affine`` (the fused engine's final
@@ -151,6 +154,15 @@ def _conv_case(cfg, device, stage: int, eta: float, dense, base0, peak) -> list[
             fns["triton_fused"] = lambda: ops.fused_conv(x, w, 1, 1, sc, sh, res, True)
             work["triton"] = (flops, 2 * act + wbytes)
             work["triton_fused"] = (flops, 3 * act + wbytes)
+            if x.is_cuda:  # the tile table: the fused conv at every launch config (persistent ones included)
+                from fastweedout.ops.triton import _conv
+                def at(launch):
+                    return lambda: _conv.launch_conv(x, w, 1, 1, epi=_conv.EPI_STATS, in_scale=sc, in_shift=sh,
+                                                     residual=res, config=launch)
+
+                for launch in dict.fromkeys(_conv.fit_config(g, k, k) for g in _conv.GPU_CONFIGS):
+                    name = "triton_fused@" + "x".join(map(str, launch))
+                    fns[name], work[name] = at(launch), work["triton_fused"]
         base = dict(base0, op="conv", stage=stage, layout="compact", eta=eta, width=c, K=k, hw=hw,
                     shape=list(x.shape), load_avg_before=load_average())
         timings, errors = _measure(fns, device, cfg)
@@ -285,6 +297,19 @@ def summarize(rows) -> dict:
                                                 if r["eta"] == top}
         out["conv_fraction_of_peak_stages_2_3"] = {r["stage"]: r.get("flops_fraction_of_peak") for r in conv
                                                    if r["eta"] == top and r["stage"] in (2, 3)}
+    tiles = [r for r in rows if r["op"] == "conv" and r["method"].startswith("triton_fused@") and r.get("timing")]
+    if tiles:  # the tile table: per (stage, eta) the fastest launch config, x the default config's time
+        default = {(r["stage"], r["eta"]): r["timing"]["median_s"] for r in rows
+                   if r["op"] == "conv" and r["method"] == "triton_fused" and r.get("timing")}
+        best = {}
+        for r in tiles:
+            key = (r["stage"], r["eta"])
+            if key not in best or r["timing"]["median_s"] < best[key]["timing"]["median_s"]:
+                best[key] = r
+        out["conv_tile_table"] = {f"stage{st} eta={eta:g}": dict(
+            config=r["method"].split("@", 1)[1], median_s=r["timing"]["median_s"],
+            speedup_vs_default=(default[(st, eta)] / r["timing"]["median_s"]) if (st, eta) in default else None)
+            for (st, eta), r in sorted(best.items())}
     ep = [r for r in rows if r["op"] == "epilogue" and r["method"] != "copy" and r.get("vs_copy")]
     if ep:
         out["epilogue_min_vs_copy"] = {m: min(r["vs_copy"] for r in ep if r["method"] == m)

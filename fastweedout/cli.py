@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of the live nodes removed (default: 0.1 to 0.9)")
     p.add_argument("--methods", default="random,bn_gamma", metavar="M,M", help="random, bn_gamma (default: both)")
     p.add_argument("--test-images", type=int, default=None, metavar="N", help="the first N test images (default: all)")
+    p.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                   help="also measure each pruned network with its BN running statistics recomputed from N "
+                   "training images (default 0: only the trained statistics)")
     flags.add_fields(p, Runtime, "runtime.", title="where and how", only=("data_root", "download", "device", "threads"))
 
     p = sub.add_parser("demo", help="Weedout vs random on Fashion-MNIST in a few minutes on a CPU",
@@ -329,11 +332,11 @@ def cmd_robustness(args, rt: Runtime) -> int:
         raise UsageError(f"{PROG}: error: --fractions takes numbers in (0, 1), got {args.fractions!r}") from None
     methods = args.methods.split(",")
     bad = [f for f in fractions if not 0 < f < 1] + [m for m in methods if m not in METHODS]
-    if bad or (args.test_images is not None and args.test_images < 1):
-        raise UsageError(f"{PROG}: error: bad --fractions, --methods ({', '.join(METHODS)}) or --test-images: "
-                         f"{bad or args.test_images}")
+    if bad or (args.test_images is not None and args.test_images < 1) or args.recalibrate < 0:
+        raise UsageError(f"{PROG}: error: bad --fractions, --methods ({', '.join(METHODS)}), --test-images or "
+                         f"--recalibrate: {bad or (args.test_images, args.recalibrate)}")
     measured, skipped = run_robustness(args.results_dir, rt, fractions=fractions, methods=methods,
-                                       test_images=args.test_images)
+                                       test_images=args.test_images, recalibrate=args.recalibrate)
     for path, why in skipped:
         print(f"skipped {os.path.basename(path)}: {why}")
     print(f"{len(measured)} runs measured, {len(skipped)} skipped; curves: {PROG} report {args.results_dir}")

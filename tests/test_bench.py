@@ -472,3 +472,18 @@ def test_times_fastest_baseline_is_computed_from_the_fastest_baseline_row(tmp_pa
     t = {k: Timing.of([v]) for k, v in {"loop": 1.0, "compact": 0.1, "pruned-loop": 0.5, "vmap-pruned": 0.3,
                                          "folded-compile": 0.05}.items()}
     assert fastest_baseline(t) == "vmap-pruned" and fastest_baseline({"loop": t["loop"]}) is None
+
+
+def test_kernel_summary_picks_the_tile_table_from_the_config_rows():
+    from bench.kernels import summarize
+
+    def row(method, stage, eta, s):
+        return dict(op="conv", method=method, stage=stage, eta=eta, timing=dict(median_s=s))
+
+    rows = [row("triton_fused", 1, 0.8, 2e-4), row("triton_fused@128x64x32x4x3", 1, 0.8, 2.1e-4),
+            row("triton_fused@128x64x32x4x4x2", 1, 0.8, 1e-4), row("triton_fused@64x64x32x4x4", 2, 0.4, 3e-4),
+            row("triton", 1, 0.8, 1.5e-4)]
+    table = summarize(rows)["conv_tile_table"]
+    assert table["stage1 eta=0.8"]["config"] == "128x64x32x4x4x2"
+    assert table["stage1 eta=0.8"]["speedup_vs_default"] == pytest.approx(2.0)
+    assert table["stage2 eta=0.4"]["speedup_vs_default"] is None and len(table) == 2

@@ -247,6 +247,25 @@ def test_grouped_conv_small_tiles(epi, monkeypatch):
     _close(y, yr, FWD_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("epi", ["none", "batch", "running"])
+@pytest.mark.parametrize("persist", [1, 2])
+def test_grouped_conv_persistent_schedule(epi, persist, monkeypatch):
+    """The persistent grouped-GEMM schedule (few programs walking every member's tiles) computes what the
+    one-tile-per-program grid does: odd M, several N and K tiles, 5 members, single live channel."""
+    monkeypatch.setattr(_conv, "default_config", lambda M, ko, ki, dtype: (16, 16, 16, 4, 1, persist))
+    monkeypatch.setattr(_conv.TUNER, "cache", {})
+    launched = []
+    real = _conv.persistent_programs
+    monkeypatch.setattr(_conv, "persistent_programs", lambda *a: launched.append(real(*a)) or launched[-1])
+    for ki, ko in ((20, 18), (1, 1)):
+        x, w, bnw, bnb, mask, rm, rv = _conv_inputs(5, ki, ko, 3, torch.float32, "channels_last", B=2, H=5)
+        y = _conv_call(gconv, epi, x, w, 1, 1, bnw, bnb, mask, rm, rv)
+        yr = _conv_call(ref, epi, x.double(), w.double(), 1, 1, _d(bnw), _d(bnb), _d(mask), _d(rm), _d(rv))
+        _close(y, yr, FWD_TOL[torch.float32])
+    tiles = 2 * 2 * 5  # (2*5*5 rows / 16) x (18 channels / 16) x 5 members
+    assert launched and launched[0] < tiles  # each program walked several tiles
+
+
 @pytest.mark.parametrize("epi", EPIS)
 def test_grouped_conv_backward(epi):
     x, w, bnw, bnb, mask, rm, rv = _conv_inputs(3, 4, 5, 3, torch.float32, "channels_last", B=2, H=5)

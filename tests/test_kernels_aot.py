@@ -102,7 +102,8 @@ def variants(quick: bool = False) -> list[dict]:
         for kh, stride, h in geometries:
             ho = (h + 2 * (kh // 2) - kh) // stride + 1
             p, k, b = 100, 64, 32
-            ints = dict(H=h, W=h, HO=ho, WO=ho, M=b * ho * ho, KIN=k, KOUT=k, CTOT=p * k, sxb=h * h * p * k, sxc=1,
+            ints = dict(H=h, W=h, HO=ho, WO=ho, M=b * ho * ho, KIN=k, KOUT=k, CTOT=p * k, P=p, NPROG=264,
+                        sxb=h * h * p * k, sxc=1,
                         sxh=h * p * k, sxw=p * k, swp=k * k, swo=1, swi=k, swr=kh * p * k * k, sws=p * k * k,
                         syb=ho * ho * p * k, syc=1, syh=ho * p * k, syw=p * k)
             ints.update(srb=ints["syb"], src=1, srh=ints["syh"], srw=ints["syw"])
@@ -113,19 +114,20 @@ def variants(quick: bool = False) -> list[dict]:
                 modes += [(1, False, False, False), (1, False, False, True)]
             for epi, pro, res, mask in modes:
                 configs = [cfg]
-                if dt == "bf16" and (epi, pro, res) == (2, True, True) and not quick:
+                if dt in ("bf16", "fp16") and (epi, pro, res) in ((2, True, True), (0, False, False)) and not quick:
                     configs += [c for c in _conv.GPU_CONFIGS if c != cfg]  # every autotune candidate
-                for bm, bn, bk, nw, ns in configs:
+                for bm, bn, bk, nw, ns, *persist in configs:
                     add("_conv_kernel", "_conv", dt, _conv_ptrs(dt),
                         ints, dict(STRIDE=stride, PAD=kh // 2, KH=kh, KW=kh, PROLOGUE=pro, RESIDUAL=res, EPI=epi,
                                    HAS_MASK=mask, PREC="tf32" if dt == "fp32" else "ieee", BM=bm, BN=bn, BK=bk,
-                                   ACC=acc), nw, ns, tag=f"k{kh}s{stride}")
+                                   ACC=acc, PERSISTENT=bool(persist)), nw, ns,
+                        tag=f"k{kh}s{stride}" + (f"-persistent{persist[0]}" if persist else ""))
         # an unaligned specialisation: odd sizes and strides, NCHW x
-        odd = dict(H=7, W=5, HO=7, WO=5, M=70, KIN=5, KOUT=3, CTOT=9, sxb=105, sxc=35, sxh=5, sxw=1, swp=45,
-                   swo=45, swi=9, swr=3, sws=1, syb=315, syc=35, syh=5, syw=1, srb=315, src=35, srh=5, srw=1)
+        odd = dict(H=7, W=5, HO=7, WO=5, M=70, KIN=5, KOUT=3, CTOT=9, P=3, NPROG=7, sxb=105, sxc=35, sxh=5, sxw=1,
+                   swp=45, swo=45, swi=9, swr=3, sws=1, syb=315, syc=35, syh=5, syw=1, srb=315, src=35, srh=5, srw=1)
         add("_conv_kernel", "_conv", dt, _conv_ptrs(dt), odd,
             dict(STRIDE=1, PAD=1, KH=3, KW=3, PROLOGUE=True, RESIDUAL=True, EPI=2, HAS_MASK=False,
-                 PREC="ieee", BM=64, BN=16, BK=16, ACC=acc), tag="unaligned")
+                 PREC="ieee", BM=64, BN=16, BK=16, ACC=acc, PERSISTENT=True), tag="unaligned")
     return out
 
 
@@ -200,6 +202,7 @@ def compile_variant(v: dict, sm: int = 90) -> dict:
         return res
     ptx, ttir = out.asm["ptx"], out.asm["ttir"]
     res["cubin"] = bool(out.asm.get("cubin"))
+    res["shared"] = int(getattr(out.metadata, "shared", 0) or 0)
     res["global"] = sorted(set(re.findall(r"\b(?:ld|st)\.global[\w.:]*", ptx)))
     res["cp_async_16"] = bool(re.search(r"cp\.async\.\w+\.shared\.global[^;]*,\s*(?:16|0x10)\b", ptx))
     res["wgmma"] = "wgmma.mma_async" in ptx
@@ -295,6 +298,27 @@ def test_no_register_spills_in_bf16(report):
     assert not spilled, "\n".join(spilled)
 
 
+#: one H100/H200 SM: 64k 32-bit registers, 227 KB of shared memory a block may use (of 228 KB)
+SM90_REGISTERS, SM90_SHARED = 65536, 227 * 1024
+
+
+def test_persistent_configs_fit_their_programs_per_sm(report):
+    """A persistent conv config asks for k programs per SM; they must be resident at once (registers
+    and shared memory of k blocks within one SM), or the schedule serialises into waves again. Each
+    config's registers, shared memory and the occupancy they allow are in the report (``--json``)."""
+    from fastweedout.ops.triton import _conv
+
+    rows = [r for r in report if r["kernel"] == "_conv_kernel" and r["dtype"] == "bf16" and "persistent" in r["tag"]]
+    assert len(rows) >= 2 * sum(len(c) > 5 for c in _conv.GPU_CONFIGS)  # two modes x every persistent config
+    bad = []
+    for r in rows:
+        k = int(r["tag"].rsplit("persistent", 1)[1])
+        regs = r["regs"] * 32 * r["num_warps"]
+        if k * regs > SM90_REGISTERS or k * r["shared"] > SM90_SHARED:
+            bad.append(f"{_name(r)}: {k} x ({r['regs']} regs x {32 * r['num_warps']} threads, {r['shared']} B shared)")
+    assert not bad, "\n".join(bad)
+
+
 def test_conv_uses_wgmma_and_16_byte_cp_async(report):
     conv = [r for r in report if r["kernel"] == "_conv_kernel" and r["dtype"] in ("bf16", "fp16")]
     assert conv and all(r["wgmma"] for r in conv), [_name(r) for r in conv if not r["wgmma"]]
@@ -358,4 +382,6 @@ if __name__ == "__main__":
     sm = int(args[args.index("--sm") + 1]) if "--sm" in args else 90
     for row in compile_all(sm, quick="--quick" in args):
         print(json.dumps(row) if "--json" in args else f"{_name(row)} {row.get('error') or ''}"
-              f" regs={row.get('regs')} spill={row.get('spill_bytes')} wgmma={row.get('wgmma')} {row.get('global')}")
+              f" regs={row.get('regs')} spill={row.get('spill_bytes')} shared={row.get('shared')}"
+              f" wgmma={row.get('wgmma')}"
+              f" {row.get('global')}")

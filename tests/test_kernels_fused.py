@@ -119,6 +119,21 @@ def test_fused_conv_matches_reference(geom, mode):
         _close(var, vr, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("geom", GEOMS, ids=lambda g: "k{}s{}p{}".format(*g))
+def test_fused_conv_persistent_schedule_matches_reference(geom, monkeypatch):
+    """Prologue, residual and statistics partials under the persistent schedule (few programs, every
+    member's tiles): the moments of each M tile land where the merge reads them."""
+    k, s, p = geom
+    monkeypatch.setattr(_conv, "default_config", lambda M, ko, ki, dtype: (16, 16, 16, 4, 1, 2))
+    monkeypatch.setattr(_conv.TUNER, "cache", {})
+    x, w, res, sc, sh = _fused_inputs(torch.float32, "cl", k, s, p)
+    y, mean, var = conv_block.fused_conv(x, w, s, p, sc, sh, res, True)
+    yr, mr, vr = ref.fused_conv(x.double(), w.double(), s, p, _d(sc), _d(sh), _d(res), True)
+    _close(y, yr, TOL[torch.float32])
+    _close(mean, mr, TOL[torch.float32])
+    _close(var, vr, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [d for d in TOL if d != torch.float32], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_fused_conv_low_precision_and_layouts(dtype, layout):

@@ -107,3 +107,52 @@ def test_report_draws_the_curves(finished, tmp_path):
     acc = next(p["test_acc"] for p in res["points"] if p["method"] == "bn_gamma" and p["fraction"] == 0.5)
     row = next(line for line in md.splitlines() if line.startswith("| 0.5 | random | smallest BN \\|γ\\| |"))
     assert f"{100 * acc:.2f} ± n/a" in row and "### Robustness to further pruning" in md
+
+
+def test_bn_recalibration_recomputes_the_statistics_and_only_them(finished):
+    from fastweedout.data.loader import DeviceLoader
+
+    root, (dense, rand) = finished
+    data = load_data(DATA)
+    net = R.trained_network(rand.path, rand.config)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    loader = DeviceLoader(data.train, len(data.train), mean=data.mean, std=data.std)  # one batch: exact
+    x = next(iter(loader))[0]
+    with torch.no_grad():
+        stem = net.stem(x)
+    R.recalibrate_bn(net, loader)
+    assert not net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    bn = net.stage1[0].bn1  # reads the stem's output
+    torch.testing.assert_close(bn.running_mean, stem.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, stem.var((0, 2, 3), correction=1), rtol=1e-4, atol=1e-6)
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_recalibrated_curves_are_measured_resumed_and_reported(finished, tmp_path, capsys):
+    from fastweedout.analysis import report
+    from fastweedout.data.loader import DeviceLoader
+    from fastweedout.training.loop import evaluate
+
+    root, (dense, rand) = finished
+    data = load_data(DATA)
+    res = R.measure_run(rand.path, data, fractions=(0.5,), methods=("random",), recalibrate=100)
+    pts = {(p["method"], p.get("recalibration_images", 0)): p for p in res["points"]
+           if p["fraction"] == 0.5 and p["method"] == "random"}
+    assert set(pts) == {("random", 0), ("random", 100)}
+    # the recalibrated point is the pruned network evaluated after recalibration on the recorded images
+    net = R.trained_network(rand.path, rand.config)
+    small = net.prune(R.further_mask(net, R.removal_orders(net, "random", res["seed"]), 0.5)).eval()
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(res["seed"]))[:100].sort().values
+    R.recalibrate_bn(small, DeviceLoader(data.train.subset(pick), rand.config.training.eval_batch_size,
+                                         mean=data.mean, std=data.std))
+    test = DeviceLoader(data.test, rand.config.training.eval_batch_size, mean=data.mean, std=data.std)
+    assert pts[("random", 100)]["test_acc"] == pytest.approx(evaluate(small, test)[1], abs=1e-12)
+    assert set(R.curves([res])) >= {"random", "random+bn_recal"}
+    with pytest.raises(ValueError, match="recalibrate"):
+        R.measure_run(rand.path, data, recalibrate=-1)
+    assert main(["robustness", str(root), "--recalibrate", "-5"]) == 2
+    assert main(["robustness", str(root), "--device", "cpu", "--fractions", "0.5", "--methods", "random",
+                 "--recalibrate", "100"]) == 0
+    assert R.read_robustness(rand.path)["points"] == res["points"]  # nothing new to measure: kept as it was
+    md = open(report.write_report(root, tmp_path).paths["report.md"]).read()
+    assert "| 0.5 | random | random nodes, BN recalibrated |" in md

@@ -9,25 +9,17 @@ import math
 from fastweedout.analysis.formatting import pct
 from fastweedout.analysis.plots import accuracy_limits, band, label, new_figure, save_figure, style
 from fastweedout.analysis.stats import mean_ci
+from fastweedout.experiment.robustness import curves
 
-METHOD_NAMES = {"random": "random nodes", "bn_gamma": "smallest BN |γ|"}
+METHOD_NAMES = {"random": "random nodes", "bn_gamma": "smallest BN |γ|",
+                "random+bn_recal": "random nodes, BN recalibrated",
+                "bn_gamma+bn_recal": "smallest BN |γ|, BN recalibrated"}
 
 
 def condition_curves(cond) -> dict[str, dict[float, list[float]]]:
-    """{method: {fraction: [test accuracy per run]}} over a condition's runs that were measured (the
+    """{curve: {fraction: [test accuracy per run]}} over a condition's runs that were measured (the
     intact network at fraction 0)."""
-    out: dict[str, dict[float, list[float]]] = {}
-    for r in cond.runs:
-        res = getattr(r, "robustness", None)
-        if not res:
-            continue
-        for p in res["points"]:
-            d = out.setdefault(p["method"], {})
-            d.setdefault(0.0, [])
-            d.setdefault(p["fraction"], []).append(p["test_acc"])
-        for m in {p["method"] for p in res["points"]}:
-            out[m][0.0].append(res["intact"]["test_acc"])
-    return out
+    return curves(r.robustness for r in cond.runs if getattr(r, "robustness", None))
 
 
 def robustness_table(mine: list, name: dict[str, str]) -> list[str]:

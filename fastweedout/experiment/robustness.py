@@ -7,7 +7,11 @@ removed at f are among those removed at every larger f) and ``bn_gamma`` (the sm
 a node's score is the mean |γ| over the BNs that read it: a block's bn2 for its inner node set, every
 block's bn1 reading a stage's stream and the final BN for the stream of stage 3; network slimming's
 criterion in a pre-activation network). A node set of w live nodes loses round(f·w) of them, never
-its last one. BN uses the running statistics of training (evaluation mode), as the final test does.
+its last one. BN uses the running statistics of training (evaluation mode), as the final test does;
+with ``recalibrate=N`` each pruned network's BN running statistics are also recomputed from N training
+images (no augmentation, no gradient, weights untouched), a second curve per method: removing nodes
+shifts the statistics of every sum they fed, and without recalibration that shift alone can send a
+network to chance.
 
 The trained weights are the final training checkpoint a run keeps (``train/checkpoint.pt``; git-ignored,
 so runs committed without it cannot be measured). Results go to ``robustness.json`` in the run
@@ -93,6 +97,32 @@ def further_mask(net: WideResNet, order: dict[str, torch.Tensor], fraction: floa
     return out
 
 
+def curve_key(point: dict) -> str:
+    """The curve a point belongs to: its removal method, with BN recalibration marked."""
+    return point["method"] + ("+bn_recal" if point.get("recalibration_images") else "")
+
+
+@torch.no_grad()
+def recalibrate_bn(net: WideResNet, loader: DeviceLoader) -> WideResNet:
+    """``net`` with every BN's running statistics recomputed from ``loader``'s batches (momentum None:
+    the average of the per-batch statistics, exact for one batch); the weights are untouched and
+    ``net`` is left in evaluation mode."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    try:
+        for x, _ in loader:
+            net(x)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        net.eval()
+    return net
+
+
 def _load(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -103,10 +133,13 @@ def _load(path: str) -> dict | None:
 
 
 def measure_run(run_dir: str, data, *, fractions: Sequence[float] = FRACTIONS, methods: Sequence[str] = METHODS,
-                test_images: int | None = None, device: str | torch.device = "cpu") -> dict:
+                test_images: int | None = None, recalibrate: int = 0, device: str | torch.device = "cpu") -> dict:
     """Test accuracy of a finished run's network after removing a further fraction of its nodes, for
-    every (method, fraction); writes and returns the run's robustness.json (points already in it with
-    the same test images are kept, not recomputed)."""
+    every (method, fraction), with the trained BN statistics and, when ``recalibrate`` > 0, also with
+    them recomputed from that many training images; writes and returns the run's robustness.json
+    (points already in it with the same test images are kept, not recomputed)."""
+    if isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 0:
+        raise ValueError(f"recalibrate must be a number of training images >= 0, got {recalibrate!r}")
     cfg = RunConfig.from_dict(runs.verify_run_dir(run_dir))
     if not os.path.exists(os.path.join(run_dir, runs.DONE_NAME)):
         raise RunError(f"{run_dir}: not finished")
@@ -124,26 +157,40 @@ def measure_run(run_dir: str, data, *, fractions: Sequence[float] = FRACTIONS, m
         res = dict(format=FORMAT, test_images=len(test.labels), seed=derive_seed(cfg.seed, "robustness"),
                    live=dict(net.node_layers()), intact=dict(test_acc=acc, test_loss=loss), points=[])
         atomic.atomic_write_json(path, res)
-    done = {(p["method"], p["fraction"]) for p in res["points"]}
+    calib = None
+    if recalibrate:
+        n = min(recalibrate, len(data.train))
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(res["seed"]))[:n]
+        calib = DeviceLoader(data.train.subset(pick.sort().values).to(device), cfg.training.eval_batch_size,
+                             mean=data.mean, std=data.std)
+    done = {(p["method"], p["fraction"], p.get("recalibration_images", 0)) for p in res["points"]}
     for method in methods:
         order = removal_orders(net, method, res["seed"])
         for f in fractions:
-            if (method, float(f)) in done:
-                continue
-            mask = further_mask(net, order, f)
-            loss, acc = evaluate(net.prune(mask).eval(), loader)
-            removed = sum(int((~m).sum()) for m in mask.values())
-            res["points"].append(dict(method=method, fraction=float(f), removed=removed,
-                                      live=sum(int(m.sum()) for m in mask.values()), test_acc=acc,
-                                      test_loss=loss if math.isfinite(loss) else None))
-            res["points"].sort(key=lambda p: (p["method"], p["fraction"]))
-            atomic.atomic_write_json(path, res)
+            for images in (0,) + ((len(calib.split.labels),) if calib is not None else ()):
+                if (method, float(f), images) in done:
+                    continue
+                mask = further_mask(net, order, f)
+                small = net.prune(mask).eval()
+                if images:
+                    recalibrate_bn(small, calib)
+                loss, acc = evaluate(small, loader)
+                removed = sum(int((~m).sum()) for m in mask.values())
+                point = dict(method=method, fraction=float(f), removed=removed,
+                             live=sum(int(m.sum()) for m in mask.values()), test_acc=acc,
+                             test_loss=loss if math.isfinite(loss) else None)
+                if images:
+                    point["recalibration_images"] = images
+                res["points"].append(point)
+                res["points"].sort(key=lambda p: (p["method"], p.get("recalibration_images", 0), p["fraction"]))
+                atomic.atomic_write_json(path, res)
     return res
 
 
 def run_robustness(results: str | os.PathLike, runtime: Runtime | None = None, *,
                    fractions: Sequence[float] = FRACTIONS, methods: Sequence[str] = METHODS,
-                   test_images: int | None = None, log=print) -> tuple[list[str], list[tuple[str, str]]]:
+                   test_images: int | None = None, recalibrate: int = 0,
+                   log=print) -> tuple[list[str], list[tuple[str, str]]]:
     """:func:`measure_run` for every finished run of ``results`` with trained weights; returns (the run
     directories measured, [(run directory, why skipped)])."""
     rt = resolve_runtime(runtime)
@@ -162,7 +209,7 @@ def run_robustness(results: str | os.PathLike, runtime: Runtime | None = None, *
         if key not in cache:
             cache[key] = load_data(cfg.data, rt)
         measure_run(path, cache[key], fractions=fractions, methods=methods, test_images=test_images,
-                    device=rt.device)
+                    recalibrate=recalibrate, device=rt.device)
         measured.append(path)
         log(f"robustness: {os.path.basename(path)}")
     return measured, skipped
@@ -174,16 +221,18 @@ def read_robustness(run_dir: str) -> dict | None:
 
 
 def curves(results: Iterable[dict]) -> dict[str, dict[float, list[float]]]:
-    """{method: {fraction: [test accuracy of each run]}}, fraction 0 being the intact network."""
+    """{curve (:func:`curve_key`): {fraction: [test accuracy of each run]}}, fraction 0 being the
+    intact network."""
     out: dict[str, dict[float, list[float]]] = {}
     for r in results:
         for p in r["points"]:
-            d = out.setdefault(p["method"], {0.0: []})
+            d = out.setdefault(curve_key(p), {0.0: []})
             d.setdefault(p["fraction"], []).append(p["test_acc"])
-        for m in {p["method"] for p in r["points"]}:
+        for m in {curve_key(p) for p in r["points"]}:
             out[m][0.0].append(r["intact"]["test_acc"])
     return out
 
 
-__all__ = ["FRACTIONS", "METHODS", "ROBUSTNESS_NAME", "curves", "further_mask", "gamma_scores", "measure_run",
-           "read_robustness", "removal_orders", "run_robustness", "trained_network"]
+__all__ = ["FRACTIONS", "METHODS", "ROBUSTNESS_NAME", "curve_key", "curves", "further_mask", "gamma_scores",
+           "measure_run",
+           "read_robustness", "recalibrate_bn", "removal_orders", "run_robustness", "trained_network"]

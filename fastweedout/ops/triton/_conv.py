@@ -49,26 +49,24 @@ from fastweedout.ops.triton.common import (
     stat_dtype,
 )
 
-__all__ = ["launch_conv", "pack_weight", "check_conv", "out_like", "precision", "EPI_NONE", "EPI_RUNNING",
-           "EPI_STATS"]
+__all__ = ["launch_conv", "pack_weight", "check_conv", "out_like", "precision", "fit_config", "persistent_programs",
+           "GPU_CONFIGS", "EPI_NONE", "EPI_RUNNING", "EPI_STATS"]
 
 EPI_NONE, EPI_RUNNING, EPI_STATS = 0, 1, 2
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
-                 bnw_ptr, bnb_ptr, mask_ptr, rm_ptr, rv_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
-                 H, W, HO, WO, M, KIN, KOUT, CTOT, eps,
-                 sxb, sxc, sxh, sxw,
-                 swp, swo, swi, swr, sws,
-                 syb, syc, syh, syw,
-                 srb, src, srh, srw,
-                 STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                 PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, EPI: tl.constexpr, HAS_MASK: tl.constexpr,
-                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    p = tl.program_id(2).to(tl.int64)
+def _conv_tile(pid_m, pid_n, p, x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
+               bnw_ptr, bnb_ptr, mask_ptr, rm_ptr, rv_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
+               H, W, HO, WO, M, KIN, KOUT, CTOT, eps,
+               sxb, sxc, sxh, sxw,
+               swp, swo, swi, swr, sws,
+               syb, syc, syh, syw,
+               srb, src, srh, srw,
+               STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+               PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, EPI: tl.constexpr, HAS_MASK: tl.constexpr,
+               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    """One output tile: rows [pid_m*BM, +BM) x member p's channels [pid_n*BN, +BN) (p is int64)."""
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -145,6 +143,42 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
             tl.store(pm2_ptr + pidx, tl.sum(d * d, 0), mask=n_ok)
 
 
+
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
+                 bnw_ptr, bnb_ptr, mask_ptr, rm_ptr, rv_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
+                 H, W, HO, WO, M, KIN, KOUT, CTOT, P, NPROG, eps,
+                 sxb, sxc, sxh, sxw,
+                 swp, swo, swi, swr, sws,
+                 syb, syc, syh, syw,
+                 srb, src, srh, srw,
+                 STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, EPI: tl.constexpr, HAS_MASK: tl.constexpr,
+                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                 PERSISTENT: tl.constexpr):
+    """PERSISTENT: NPROG programs walk the P * tiles_m * tiles_n tiles in member-major order (a
+    member's tiles are consecutive, so its small weight block is read from L2 by the programs that run
+    them at the same time), with no wave tail and one launch setup per program, not per tile;
+    otherwise a 3-D grid (M tiles, N tiles, members), one tile per program."""
+    if PERSISTENT:
+        tn = tl.cdiv(KOUT, BN)
+        per_member = tl.cdiv(M, BM) * tn
+        for tile in range(tl.program_id(0), P * per_member, NPROG):
+            p = tile // per_member
+            r = tile - p * per_member
+            pid_m = r // tn
+            _conv_tile(pid_m, r - pid_m * tn, p.to(tl.int64), x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
+                       bnw_ptr, bnb_ptr, mask_ptr, rm_ptr, rv_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
+                       H, W, HO, WO, M, KIN, KOUT, CTOT, eps, sxb, sxc, sxh, sxw, swp, swo, swi, swr, sws,
+                       syb, syc, syh, syw, srb, src, srh, srw, STRIDE, PAD, KH, KW, PROLOGUE, RESIDUAL, EPI,
+                       HAS_MASK, PREC, BM, BN, BK, ACC)
+    else:
+        _conv_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), x_ptr, w_ptr, y_ptr,
+                   res_ptr, isc_ptr, ish_ptr, bnw_ptr, bnb_ptr, mask_ptr, rm_ptr, rv_ptr, pcnt_ptr, pmean_ptr,
+                   pm2_ptr, H, W, HO, WO, M, KIN, KOUT, CTOT, eps, sxb, sxc, sxh, sxw, swp, swo, swi, swr, sws,
+                   syb, syc, syh, syw, srb, src, srh, srw, STRIDE, PAD, KH, KW, PROLOGUE, RESIDUAL, EPI,
+                   HAS_MASK, PREC, BM, BN, BK, ACC)
+
 # ----------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------
@@ -182,30 +216,44 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-# (BM, BN, BK, num_warps, num_stages)
+# (BM, BN, BK, num_warps, num_stages[, programs per SM: persistent]); a 5-tuple is one tile per program.
 # (128, 64, 64, 4, 3) is left out: it spills 12 bytes with the prologue (ptxas -v, sm_90a).
+# The persistent ones are the grouped-GEMM schedule for many small members (eta = .8: N = 32-128,
+# K = 288-1152 per member), with more stages for the short K loop; the autotuner weighs them against
+# the others on a GPU, and the default stays one tile per program until a GPU has measured them.
 GPU_CONFIGS = [(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
                (64, 128, 64, 4, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3), (64, 32, 64, 4, 4),
-               (256, 128, 32, 8, 3)]
+               (256, 128, 32, 8, 3),
+               (128, 64, 32, 4, 4, 2), (128, 32, 32, 4, 5, 2), (64, 64, 32, 4, 5, 2), (128, 128, 32, 8, 3, 1)]
+#: programs of a persistent launch under Triton's interpreter (no SMs): few, so that each walks several tiles
+INTERPRET_PROGRAMS = 3
 TUNER = ConfigTuner()
 
 
-def _fit(cfg, ko: int, ki: int):
-    bm, bn, bk, nw, ns = cfg
-    return bm, min(bn, max(16, npow2(ko))), min(bk, max(16, npow2(ki))), nw, ns
+def fit_config(cfg, ko: int, ki: int):
+    """A launch config with its tile sizes cut to the member's widths (powers of two, at least 16)."""
+    bm, bn, bk, nw, ns, *persist = cfg
+    return (bm, min(bn, max(16, npow2(ko))), min(bk, max(16, npow2(ki))), nw, ns, *persist)
+
+
+def persistent_programs(device: torch.device, per_sm: int, tiles: int) -> int:
+    """Programs of a persistent launch: ``per_sm`` per streaming multiprocessor, at most one per tile."""
+    if INTERPRET or device.type != "cuda":
+        return max(1, min(tiles, INTERPRET_PROGRAMS))
+    return max(1, min(tiles, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
 def default_config(M: int, ko: int, ki: int, dtype: torch.dtype):
     if INTERPRET:  # big tiles: fewer programs, fewer NumPy calls
         return 32 if M <= 32 else 64, max(16, min(npow2(ko), 64)), max(16, min(npow2(ki), 64)), 4, 1
     if dtype in (torch.float64, torch.float32):
-        return _fit((64, 64, 32, 4, 3), ko, ki)
+        return fit_config((64, 64, 32, 4, 3), ko, ki)
     # bf16/fp16, from ptxas -v on sm_90 (tests/test_kernels_aot.py --ptxas): no spills, wgmma + cp.async
     if ko >= 128 and M >= 4096:
-        return _fit((128, 128, 32, 8, 3), ko, ki)
+        return fit_config((128, 128, 32, 8, 3), ko, ki)
     if ko >= 64:
-        return _fit((128, 64, 32, 4, 3), ko, ki)
-    return _fit((128, 32, 32, 4, 4), ko, ki)
+        return fit_config((128, 64, 32, 4, 3), ko, ki)
+    return fit_config((128, 32, 32, 4, 4), ko, ki)
 
 
 def pack_weight(weight: Tensor) -> Tensor:
@@ -231,7 +279,9 @@ def launch_conv(x: Tensor, weight: Tensor, stride: int, padding: int, *, epi: in
                 rm: Tensor | None = None, rv: Tensor | None = None, eps: float = 1e-5, config=None):
     """Run the kernel. Returns (y, moments): moments = (count, mean, M2) ``[1, T, P*K_out]`` for
     ``EPI_STATS``, else None. BN vectors (bnw, bnb, mask, rm, rv) are ``P*K_out`` long; in_scale and
-    in_shift ``P*K_in``; residual has y's shape and dtype."""
+    in_shift ``P*K_in``; residual has y's shape and dtype. config: one of :data:`GPU_CONFIGS`' form
+    (fitted by :func:`fit_config`; a 6th element runs the persistent schedule), or None: the default,
+    or on a GPU with ``FASTWEEDOUT_AUTOTUNE=1`` the fastest candidate."""
     p, ko, ki, kh, kw, ho, wo = check_conv(x, weight, stride, padding)
     if (in_scale is None) != (in_shift is None):
         raise ValueError("give both in_scale and in_shift, or neither")
@@ -253,22 +303,25 @@ def launch_conv(x: Tensor, weight: Tensor, stride: int, padding: int, *, epi: in
     flags = (epi, isc is not None, residual is not None, mask is not None)
 
     def run(cfg, out):
-        BM, BN, BK, nw, ns = cfg
+        BM, BN, BK, nw, ns, *persist = cfg
         T = cdiv(M, BM)
+        tiles = T * cdiv(ko, BN) * p
+        nprog = persistent_programs(x.device, persist[0], tiles) if persist else tiles
+        grid = (nprog,) if persist else (T, cdiv(ko, BN), p)
         parts = tuple(torch.empty((1, T, n), dtype=sdt, device=x.device) for _ in range(3)) \
             if epi == EPI_STATS else None
         dummy = out
         rs = residual.stride() if residual is not None else (0, 0, 0, 0)
         pc, pm, pq = parts if parts is not None else (dummy, dummy, dummy)
-        _conv_kernel[(T, cdiv(ko, BN), p)](
+        _conv_kernel[grid](
             x, weight, out, residual if residual is not None else dummy,
             isc if isc is not None else dummy, ish if ish is not None else dummy,
             *(t if t is not None else dummy for t in (bnw, bnb, mask, rm, rv)), pc, pm, pq,
-            H, W, ho, wo, M, ki, ko, n, eps,
+            H, W, ho, wo, M, ki, ko, n, p, nprog, eps,
             *x.stride(), *weight.stride(), *out.stride(), *rs,
             STRIDE=stride, PAD=padding, KH=kh, KW=kw, PROLOGUE=isc is not None, RESIDUAL=residual is not None,
             EPI=epi, HAS_MASK=mask is not None, PREC=precision(x.dtype), BM=BM, BN=BN, BK=BK,
-            ACC=acc_dtype(x.dtype), num_warps=nw, num_stages=ns)
+            ACC=acc_dtype(x.dtype), PERSISTENT=bool(persist), num_warps=nw, num_stages=ns)
         return out, parts
 
     with device_guard(x):
@@ -277,7 +330,7 @@ def launch_conv(x: Tensor, weight: Tensor, stride: int, padding: int, *, epi: in
                    x.dtype, flags, x.device)
             default = default_config(M, ko, ki, x.dtype)
             config = TUNER.pick(
-                key, [_fit(c, ko, ki) for c in GPU_CONFIGS], default,
+                key, [fit_config(c, ko, ki) for c in GPU_CONFIGS], default,
                 enabled=x.is_cuda and os.environ.get("FASTWEEDOUT_AUTOTUNE", "0") == "1",
                 build=lambda cfg: run(cfg, torch.empty_like(y)),  # compiles; compile errors raise before launch
                 timer=lambda cfg: triton.testing.do_bench(lambda: run(cfg, torch.empty_like(y)), warmup=5, rep=20),
