@@ -197,6 +197,9 @@ def _scoring_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--repeats", type=int)
     s.add_argument("--warmup", type=int)
     s.add_argument("--compile-max-population", type=int)
+    s.add_argument("--layout", choices=["channels_last", "nchw"],
+                   help="memory format of the model and the images (default channels_last); the baselines run in "
+                        "it, the engines always run channels_last")
     s.add_argument("--tag", help="appended to the preset name in the records (keeps a variant run apart in reports)")
 
 
@@ -238,7 +241,8 @@ def cmd_scoring(args, preset: str | None = None) -> list:
                         "etas": ("etas", parse_floats), "batch": ("batch", None), "image_size": ("image_size", None),
                         "in_channels": ("in_channels", None), "engines": ("engines", _split), "bn": ("bn", None),
                         "dtype": ("dtype", None), "chunk_size": ("chunk_size", None), "repeats": ("repeats", None),
-                        "warmup": ("warmup", None), "compile_max_population": ("compile_max_population", None)})
+                        "warmup": ("warmup", None), "compile_max_population": ("compile_max_population", None),
+                        "layout": ("channels_last", lambda v: v == "channels_last")})
     cfg = ScoringConfig(**d, preset=preset + (f"+{args.tag}" if getattr(args, "tag", None) else ""))
     return run_scoring(cfg, device, Path(args.out) / "scoring.jsonl", quiet=args.quiet)
 

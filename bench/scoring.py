@@ -26,7 +26,7 @@ as one more reference, against ``loop`` (``speedup_vs_loop``).
 
 Every method runs channels_last by default, on a GPU and on a CPU (the model's weights and the
 images; the engines keep it): it is the faster layout for cuDNN and for oneDNN alike, so the baselines
-get it as the engines do (``--channels-last false`` measures the other).
+get it as the engines do (``--layout nchw`` runs the baselines in the other).
 
 Every method scores the same masks on the same images; its fitness is compared with ``loop``'s
 (``fitness_rel_err``). Reports time (median, quartiles, min/max of interleaved repeats; CPU time on
@@ -306,7 +306,7 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
         x = torch.randn(cfg.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
         y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
-        if cl:  # fair baselines: cuDNN's NHWC convolutions for loop and folded too
+        if cl:  # fair baselines: NHWC convolutions (cuDNN, oneDNN) for the loops and the pruned networks too
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         for p in cfg.populations:

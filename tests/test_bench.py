@@ -487,3 +487,14 @@ def test_kernel_summary_picks_the_tile_table_from_the_config_rows():
     assert table["stage1 eta=0.8"]["config"] == "128x64x32x4x4x2"
     assert table["stage1 eta=0.8"]["speedup_vs_default"] == pytest.approx(2.0)
     assert table["stage2 eta=0.4"]["speedup_vs_default"] is None and len(table) == 2
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_scoring_layout_flag_reaches_the_rows(tmp_path, one_thread, layout):
+    """The baselines run channels_last by default and in NCHW with --layout nchw; fitness unchanged."""
+    rc = cli.main(["scoring", "--smoke", "--out", str(tmp_path), "--quiet", "--etas", "0.5",
+                   "--engines", "loop,compact,pruned-loop", "--populations", "2", "--layout", layout])
+    assert rc == 0
+    rows = [r for r in _rows(tmp_path / "scoring.jsonl") if r["status"] == "ok"]
+    assert rows and all(r["channels_last"] == (layout == "channels_last") for r in rows)
+    assert all(r["fitness_rel_err"] < 1e-4 for r in rows)
