@@ -75,3 +75,15 @@ def test_report_pairs_convergence_by_seed(tmp_path):
     assert float(csv_rows["weedout"]["paired_diff_epochs_to_own99"]) == pytest.approx(mean)
     md = open(rep.paths["report.md"]).read()
     assert "### Convergence" in md and "4.00 ± n/a (1/3)" in md
+
+
+def test_no_dense_parent_is_not_a_target_missed(tmp_path):
+    root = tmp_path / "res"
+    for s in range(2):
+        run_with_curve(root, "weedout", 0.5, s, (0.5, 0.8, 0.89, 0.90))
+        run_with_curve(root, "random", 0.5, s, (0.5, 0.7, 0.85, 0.90))
+    md = open(report.write_report(root).paths["report.md"]).read()
+    assert "no dense parent" in md and "not reached (0/2)" not in md
+    run_with_curve(root, "dense", 0.0, 0, (0.99, 0.99, 0.99, 0.99))  # a parent no sparse run reaches
+    md = open(report.write_report(root).paths["report.md"]).read()
+    assert "not reached (0/2)" in md

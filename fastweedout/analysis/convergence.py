@@ -62,7 +62,7 @@ def convergence(epochs: Sequence[dict], training_phase: dict, batch_size: int, f
     """Every metric of :data:`CONVERGENCE_METRICS` for one run (None where undefined or not reached)."""
     n = len(epochs)
     steps, flops = per_epoch_cost(training_phase, max((e["epoch"] for e in epochs), default=0), batch_size)
-    out: dict = {"test_acc_auc": curve_area(epochs)}
+    out: dict = {"test_acc_auc": curve_area(epochs), "has_dense_parent": dense_final_test_acc is not None}
     for name, ref in (("dense99", dense_final_test_acc), ("own99", final_test_acc)):
         e = first_epoch_reaching(epochs, fraction * ref) if n and ref is not None else None
         out[f"epochs_to_{name}"] = e
@@ -74,6 +74,8 @@ def convergence(epochs: Sequence[dict], training_phase: dict, batch_size: int, f
 def _conv_cell(c, m: str, fmt: str) -> str:
     vals = c.values(m)
     reached = [v for v in vals if v is not None]
+    if m.endswith("dense99") and not any(r.convergence.get("has_dense_parent") for r in c.runs):
+        return "no dense parent"  # no dense run of the same experiment and seed: undefined, not missed
     if not reached:
         return f"not reached (0/{len(vals)})"
     mean, ci = mean_ci(reached)
