@@ -118,7 +118,7 @@ class ScoringConfig:
     chunk_size: int | None = None  # None: each engine's automatic chunking
     compile_max_population: int = 100  # skip folded-compile above this (compile time grows with P)
     compile_backend: str = "inductor"  # aot_eager: checks the compiled baseline's path quickly (dry runs)
-    channels_last: bool | None = None  # None: on (every device)
+    channels_last: bool = True  # the model's and the images' layout (--layout nchw: False)
     memory_call: bool = True  # one extra untimed call measures peak memory (False: the first call does)
     interpreter_ok: bool = False  # run the Triton variants under Triton's interpreter too (dry runs: checks the path)
     seed: int = 0
@@ -293,7 +293,7 @@ def run_scoring(cfg: ScoringConfig, device: torch.device, out_path, *, quiet: bo
     env = Env.capture(device, peak)
     rid = run_id()
     engines, skipped = engines_here(cfg, device)
-    cl = True if cfg.channels_last is None else cfg.channels_last
+    cl = cfg.channels_last
     progress(f"[scoring] device={env.device} threads={env.threads} peak={fmt_num(peak.flops_per_s, 'FLOP/s')} "
              f"{peak.dtype} ({peak.source}) engines={engines} skipped={list(skipped)} load={load_average()}", quiet)
     # cudnn.benchmark stays as the library leaves it (off): a search meets each shape a few times, and

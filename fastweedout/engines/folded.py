@@ -18,7 +18,7 @@ from fastweedout.ops import dispatch as ops
 
 class FoldedBackend(BaseBackend):
     def __init__(self, masks: dict[str, Tensor], bn_mode: str, members: int, batch: int,
-                 channels_last: bool | None = None):
+                 channels_last: bool = True):
         self.masks = masks  # name -> float [P, C]
         self.bn_mode, self.P, self.B = bn_mode, members, batch
         self.channels_last = channels_last
@@ -27,8 +27,7 @@ class FoldedBackend(BaseBackend):
         return self.P > 1 and x.shape[0] == self.B
 
     def _layout(self, x: Tensor) -> Tensor:
-        cl = True if self.channels_last is None else self.channels_last
-        return x.contiguous(memory_format=torch.channels_last) if cl else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def stem(self, x, conv, node_set):
         return self._layout(conv(x))  # [B, C, H, W], identical for all members

@@ -143,7 +143,6 @@ def _conv_tile(pid_m, pid_n, p, x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
             tl.store(pm2_ptr + pidx, tl.sum(d * d, 0), mask=n_ok)
 
 
-
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, isc_ptr, ish_ptr,
                  bnw_ptr, bnb_ptr, mask_ptr, rm_ptr, rv_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
