@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", choices=["both", "eager", "compiled"], default=None)
     t.add_argument("--compile-etas", help="compile only at these etas")
     t.add_argument("--dtypes", help="float32,bfloat16")
+    t.add_argument("--layouts", help="comma list of nchw,channels_last, timed side by side (default: the one "
+                                     "training uses on the device: channels_last on a GPU, nchw on a CPU)")
     t.add_argument("--repeats", type=int)
     t.add_argument("--warmup", type=int)
 
@@ -284,7 +286,8 @@ def cmd_training(args) -> list:
     _override(d, args, {"models": ("models", _split), "etas": ("etas", parse_floats), "batch": ("batch", None),
                         "image_size": ("image_size", None), "in_channels": ("in_channels", None),
                         "variants": ("variants", _split), "compile_etas": ("compile_etas", parse_floats),
-                        "dtypes": ("dtypes", _split), "repeats": ("repeats", None), "warmup": ("warmup", None)})
+                        "dtypes": ("dtypes", _split), "layouts": ("layouts", _split), "repeats": ("repeats", None),
+                        "warmup": ("warmup", None)})
     if args.compile is not None:
         d["compile_modes"] = {"both": [False, True], "eager": [False], "compiled": [True]}[args.compile]
     cfg = TrainingConfig(**d, preset=preset)

@@ -215,16 +215,21 @@ def training_markdown(rows: list[dict]) -> list[str]:
         r0 = grp[0]
         out += [f"### {r0['model']}, batch {r0['batch']}, {r0['in_channels']}x{r0['image_size']}x{r0['image_size']} "
                 f"(preset `{r0['preset']}`)", "", _env_line(grp), ""]
-        head = ["eta", "variant", "compiled", "dtype", "step", "IQR", "images/s", "x dense", "MFU", "exec % peak",
-                "compile", "params", "memory", "note"]
-        body = [[f"{r['eta']:g}", r["variant"], "yes" if r["compiled"] else "no", r["dtype"], fmt_s(_med(r)),
+        head = ["eta", "variant", "compiled", "layout", "dtype", "step", "IQR", "images/s", "x dense", "MFU",
+                "exec % peak", "compile", "params", "memory", "note"]
+        body = [[f"{r['eta']:g}", r["variant"], "yes" if r["compiled"] else "no", _layout(r), r["dtype"],
+                 fmt_s(_med(r)),
                  _pct(_iqr(r), 0), fmt_num(r.get("images_per_s")), _x(r.get("speedup_vs_dense")),
                  _pct(r.get("mfu"), 2), _pct(r.get("executed_fraction_of_peak"), 2), fmt_s(r.get("compile_s")),
                  fmt_num(r.get("params")), fmt_num(r.get("peak_mem_bytes"), "B"),
                  "" if r.get("status") == "ok" else f"{r.get('status')} {r.get('note', '')[:60]}"]
-                for r in sorted(grp, key=lambda r: (r["dtype"], r["eta"], r["variant"], r["compiled"]))]
+                for r in sorted(grp, key=lambda r: (r["dtype"], r["eta"], r["variant"], r["compiled"], _layout(r)))]
         out += _table(head, body) + [""]
     return out
+
+
+def _layout(r: dict) -> str:
+    return "channels_last" if r.get("channels_last") else "nchw"
 
 
 def training_plots(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -236,16 +241,18 @@ def training_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     for _key, grp in _groups(rows, TRAINING_KEYS).items():
         r0 = grp[0]
         fig, ax = plt.subplots(figsize=(6, 4))
-        dense = {(r["dtype"], r["compiled"]): r for r in grp if r["variant"] == "dense" and r.get("images_per_s")}
-        kinds = sorted({(r["dtype"], r["compiled"], r["variant"]) for r in grp if r["variant"] != "dense"})
-        for (dt, comp, var) in kinds:
-            pts = sorted((r["eta"], r["images_per_s"]) for r in grp if (r["dtype"], r["compiled"], r["variant"]) ==
-                         (dt, comp, var) and r.get("images_per_s"))
-            if (dt, comp) in dense:
-                pts = [(0.0, dense[(dt, comp)]["images_per_s"])] + pts
+        layouts = {_layout(r) for r in grp}
+        dense = {(r["dtype"], r["compiled"], _layout(r)): r for r in grp
+                 if r["variant"] == "dense" and r.get("images_per_s")}
+        kinds = sorted({(r["dtype"], r["compiled"], _layout(r), r["variant"]) for r in grp if r["variant"] != "dense"})
+        for (dt, comp, lay, var) in kinds:
+            pts = sorted((r["eta"], r["images_per_s"]) for r in grp if (r["dtype"], r["compiled"], _layout(r),
+                         r["variant"]) == (dt, comp, lay, var) and r.get("images_per_s"))
+            if (dt, comp, lay) in dense:
+                pts = [(0.0, dense[(dt, comp, lay)]["images_per_s"])] + pts
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=f"{var} {dt}{' compiled' if comp else ''}")
+                        label=f"{var} {dt}{' compiled' if comp else ''}{f' {lay}' if len(layouts) > 1 else ''}")
         ax.set_xlabel("sparsity eta")
         ax.set_ylabel("training images / s")
         ax.set_yscale("log")

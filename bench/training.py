@@ -3,7 +3,9 @@ eager vs ``torch.compile``, fp32 vs bf16 autocast (GPU), with model FLOPs utilis
 
 A step is what ``fastweedout.training.loop`` runs: forward (under bf16 autocast when asked), fp32
 cross-entropy, backward, SGD with Nesterov momentum and weight decay (``fastweedout.training.loop.make_optimizer``),
-on a batch resident on the device (channels_last on GPU). Variants:
+on a batch resident on the device, in each layout of ``layouts`` (default: the one ``TrainConfig``
+picks on that device: channels_last on a GPU, NCHW on a CPU; ``--layouts nchw,channels_last`` times
+both side by side). Variants:
 
 * ``dense``: the full network (eta = 0);
 * ``pruned``: ``model.prune(mask)``, the physically smaller network ``train()`` trains by default;
@@ -45,6 +47,7 @@ from .common import (
 )
 
 VARIANTS = ("dense", "pruned", "masked")
+LAYOUTS = ("nchw", "channels_last")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class TrainingConfig:
     compile_modes: list[bool] | None = None  # [False, True]
     compile_etas: list[float] | None = None  # compile only at these etas (None: all)
     dtypes: list[str] | None = None  # None: float32 on CPU; float32 and bfloat16 on GPU
+    layouts: list[str] | None = None  # "nchw" / "channels_last"; None: TrainConfig's default on the device
     repeats: int = 5
     warmup: int = 2
     compile_backend: str = "inductor"  # aot_eager: checks the compiled path quickly (dry runs)
@@ -125,6 +129,10 @@ def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: 
     cuda = device.type == "cuda"
     dtypes = cfg.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
     compile_modes = cfg.compile_modes if cfg.compile_modes is not None else [False, True]
+    layouts = cfg.layouts or ([LAYOUTS[1]] if TrainConfig(epochs=1).resolved(device)["channels_last"] else [LAYOUTS[0]])
+    bad = sorted(set(layouts) - set(LAYOUTS))
+    if bad:
+        raise ValueError(f"unknown layouts {bad}: choose from {', '.join(LAYOUTS)}")
     rid = run_id()
     rows_all: list[TrainingRecord] = []
     peaks = {dt: device_peak(device, getattr(torch, dt)) for dt in dtypes}
@@ -137,8 +145,8 @@ def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: 
         g = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(cfg.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
         y = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=g).to(device)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        xs = {lay: x.contiguous(memory_format=torch.channels_last) if lay == "channels_last" else x
+              for lay in layouts}
         for dt in dtypes:
             env = Env.capture(device, peaks[dt])
             dense_times: dict[bool, float] = {}
@@ -150,7 +158,7 @@ def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: 
                 variants = ["dense"] if eta == 0.0 else [v for v in (cfg.variants or VARIANTS) if v != "dense"]
                 mask = None if eta == 0.0 else fw.sample_masks(
                     base_model, 1, eta, generator=torch.Generator().manual_seed(cfg.seed + 1)).member(0)
-                rows = _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, x, y, device,
+                rows = _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, xs, y, device,
                                   env, rid, quiet, dense_times)
                 append_jsonl(out_path, rows)
                 rows_all.extend(rows)
@@ -159,9 +167,8 @@ def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: 
     return rows_all
 
 
-def _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, x, y, device, env, rid, quiet,
+def _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, xs, y, device, env, rid, quiet,
                dense_times):
-    cuda = device.type == "cuda"
     amp_dtype = None if dt == "float32" else getattr(torch, dt)
     load0 = load_average()
     hw = (cfg.image_size, cfg.image_size)
@@ -177,34 +184,36 @@ def _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, x,
         for compiled in compile_modes:
             if compiled and cfg.compile_etas is not None and eta not in cfg.compile_etas:
                 continue
-            key = (variant, compiled)
-            row = TrainingRecord(
-                bench="training", preset=cfg.preset, run_id=rid, env=vars(env), load_avg_before=load0,
-                load_avg_after=None, model=name, depth=base_model.depth, width=base_model.width, batch=cfg.batch,
-                image_size=cfg.image_size, in_channels=cfg.in_channels, eta=eta, variant=variant,
-                compiled=compiled, dtype=dt, channels_last=cuda, useful_flops_per_image=fl["useful"],
-                precision=precision(getattr(torch, dt), device),
-                executed_flops_per_image=fl["executed"])
-            rows[key] = row
-            try:
-                step, run_net = _make_step(_copy(net), device, amp_dtype, compiled, cuda,
-                                           backend=cfg.compile_backend)
-                row.params = sum(p.numel() for p in run_net.parameters())
-                t0 = time.perf_counter()
-                step(x, y)
-                sync(device)
-                row.first_step_s = time.perf_counter() - t0
-                for _ in range(max(0, cfg.warmup - 1)):
+            for layout, x in xs.items():
+                channels_last = layout == "channels_last"
+                key = (variant, compiled, channels_last)
+                row = TrainingRecord(
+                    bench="training", preset=cfg.preset, run_id=rid, env=vars(env), load_avg_before=load0,
+                    load_avg_after=None, model=name, depth=base_model.depth, width=base_model.width,
+                    batch=cfg.batch, image_size=cfg.image_size, in_channels=cfg.in_channels, eta=eta,
+                    variant=variant, compiled=compiled, dtype=dt, channels_last=channels_last,
+                    useful_flops_per_image=fl["useful"], precision=precision(getattr(torch, dt), device),
+                    executed_flops_per_image=fl["executed"])
+                rows[key] = row
+                try:
+                    step, run_net = _make_step(_copy(net), device, amp_dtype, compiled, channels_last,
+                                               backend=cfg.compile_backend)
+                    row.params = sum(p.numel() for p in run_net.parameters())
+                    t0 = time.perf_counter()
                     step(x, y)
-                with PeakMemory(device, exact=not compiled) as pm:
-                    step(x, y)
-                row.peak_mem_bytes, row.mem_kind = pm.bytes, pm.kind
-                fns[key] = (lambda s: (lambda: s(x, y)))(step)
-                progress(f"  [{name} eta={eta} {dt}] {variant}{' compiled' if compiled else ''}: first step "
-                         f"{fmt_s(row.first_step_s)}", quiet)
-            except Exception as exc:
-                row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:500]
-                progress(f"  [{name} eta={eta}] {variant} compiled={compiled}: ERROR {row.note}", quiet)
+                    sync(device)
+                    row.first_step_s = time.perf_counter() - t0
+                    for _ in range(max(0, cfg.warmup - 1)):
+                        step(x, y)
+                    with PeakMemory(device, exact=not compiled) as pm:
+                        step(x, y)
+                    row.peak_mem_bytes, row.mem_kind = pm.bytes, pm.kind
+                    fns[key] = (lambda s, xi: (lambda: s(xi, y)))(step, x)
+                    progress(f"  [{name} eta={eta} {dt}] {variant}{' compiled' if compiled else ''} {layout}: "
+                             f"first step {fmt_s(row.first_step_s)}", quiet)
+                except Exception as exc:
+                    row.status, row.note = "error", f"{type(exc).__name__}: {exc}"[:500]
+                    progress(f"  [{name} eta={eta}] {variant} compiled={compiled} {layout}: ERROR {row.note}", quiet)
     timings = interleaved(fns, device, cfg.repeats)
     load1 = load_average()
     for key, row in rows.items():
@@ -220,10 +229,10 @@ def _one_group(cfg, base_model, name, mask, eta, variants, compile_modes, dt, x,
         if row.compiled and row.first_step_s is not None:
             row.compile_s = max(0.0, row.first_step_s - t.median_s)
         if row.variant == "dense":
-            dense_times[row.compiled] = t.median_s
+            dense_times[(row.compiled, row.channels_last)] = t.median_s
     for row in rows.values():
-        if row.timing and row.compiled in dense_times:
-            row.speedup_vs_dense = dense_times[row.compiled] / row.timing["median_s"]
+        if row.timing and (row.compiled, row.channels_last) in dense_times:
+            row.speedup_vs_dense = dense_times[(row.compiled, row.channels_last)] / row.timing["median_s"]
     return list(rows.values())
 
 
@@ -239,13 +248,14 @@ def format_table(rows) -> str:
     r0 = rows[0]
     lines = [f"{r0['model']}  batch={r0['batch']}  {r0['in_channels']}x{r0['image_size']}x{r0['image_size']}  "
              f"eta={r0['eta']}  {r0['dtype']}  load {r0['load_avg_before']} -> {r0['load_avg_after']}",
-             f"  {'variant':<9}{'compiled':>9}{'step':>10}{'IQR':>6}{'img/s':>9}{'x dense':>9}{'MFU %':>7}"
-             f"{'compile':>10}{'params':>9}{'mem':>10}  note"]
+             f"  {'variant':<9}{'compiled':>9}{'layout':>14}{'step':>10}{'IQR':>6}{'img/s':>9}{'x dense':>9}"
+             f"{'MFU %':>7}{'compile':>10}{'params':>9}{'mem':>10}  note"]
     for r in rows:
         t = r.get("timing") or {}
         med = t.get("median_s")
         iqr = (t["q75_s"] - t["q25_s"]) / med if med else None
-        lines.append(f"  {r['variant']:<9}{str(r['compiled']):>9}{fmt_s(med):>10}"
+        layout = "channels_last" if r.get("channels_last") else "nchw"
+        lines.append(f"  {r['variant']:<9}{str(r['compiled']):>9}{layout:>14}{fmt_s(med):>10}"
                      f"{(f'{iqr:.0%}' if iqr is not None else '-'):>6}{fmt_num(r.get('images_per_s')):>9}"
                      f"{(format(r['speedup_vs_dense'], '.2f') if r.get('speedup_vs_dense') else '-'):>9}"
                      f"{(format(100 * r['mfu'], '.1f') if r.get('mfu') else '-'):>7}{fmt_s(r.get('compile_s')):>10}"

@@ -19,7 +19,7 @@ from bench import cli
 from bench.baselines import BASELINE_SET
 from bench.common import Record, Timing, append_jsonl, read_jsonl
 from bench.engines import print_summary
-from bench.report import build_report, latest_runs, scoring_markdown
+from bench.report import build_report, latest_runs, scoring_markdown, training_markdown
 from bench.scoring import ScoringConfig, fastest_baseline, format_table, run_scoring
 from fastweedout.engines.scoring import score_population
 from helpers import randomize_bn
@@ -258,6 +258,28 @@ def test_gpu_dry_run(tmp_path, one_thread, capsys):
     training = _rows(tmp_path / "training.jsonl")
     assert {r["variant"] for r in training} == {"dense", "pruned"} and all(r["compiled"] for r in training)
     assert "== bench gpu --dry-run" in out and "compact-triton / folded" in out
+
+
+def test_training_layouts_side_by_side(tmp_path, one_thread):
+    """`bench training --layouts nchw,channels_last`: both layouts of every variant in one run, each row
+    with its own layout and its ratio to the dense step in the same layout; the default is the layout
+    training uses on the device (NCHW on a CPU)."""
+    assert cli.main(["training", "--smoke", "--out", str(tmp_path / "both"), "--quiet",
+                     "--layouts", "nchw,channels_last"]) == 0
+    rows = _rows(tmp_path / "both" / "training.jsonl")
+    keys = [(r["eta"], r["variant"], r["channels_last"]) for r in rows]
+    assert sorted(keys) == sorted((eta, v, cl) for eta, v in ((0.0, "dense"), (0.5, "pruned"), (0.5, "masked"))
+                                  for cl in (False, True))
+    dense = {r["channels_last"]: r["timing"]["median_s"] for r in rows if r["variant"] == "dense"}
+    for r in rows:
+        assert r["status"] == "ok", r["note"]
+        assert r["speedup_vs_dense"] == pytest.approx(dense[r["channels_last"]] / r["timing"]["median_s"])
+    md = "\n".join(training_markdown(rows))
+    assert "| channels_last |" in md and "| nchw |" in md
+    assert cli.main(["training", "--smoke", "--out", str(tmp_path / "default"), "--quiet"]) == 0
+    assert {r["channels_last"] for r in _rows(tmp_path / "default" / "training.jsonl")} == {torch.cuda.is_available()}
+    with pytest.raises(ValueError, match="unknown layouts"):
+        cli.main(["training", "--smoke", "--out", str(tmp_path / "bad"), "--quiet", "--layouts", "nhwc"])
 
 
 def test_gpu_plan_fits_one_call(monkeypatch):

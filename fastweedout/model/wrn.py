@@ -13,10 +13,31 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastweedout.masks import Masks, check_mask_names
 from fastweedout.model.backend import BN_MODES, MaskedBackend
+
+
+class ShortcutConv(nn.Conv2d):
+    """The 1x1 projection shortcut. A strided one in channels_last on a CPU runs at unit stride on the
+    subsampled input, the same function (a 1x1 kernel without padding reads only the strided pixels):
+    oneDNN's jit 1x1 backward-weights kernel for strided nhwc inputs with fewer channels than its
+    register block (8 on AVX2) writes past its workspace, giving wrong weight gradients, a hang or a
+    crash (uxlfoundation/oneDNN#6035), and a pruned network's shortcut has such widths. A module still,
+    so hooks and tracers (Torch-Pruning's DepGraph) see it."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.stride
+        # Strides, not is_contiguous(memory_format=...), which vmap does not answer.
+        nhwc = x.dim() == 4 and x.size(1) > 1 and x.size(2) * x.size(3) > 1 and x.stride(1) == 1
+        if s != (1, 1) and nhwc and x.device.type == "cpu":
+            return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, None, 1, 0, 1, self.groups)
+        return super().forward(x)
 
 
 class Block(nn.Module):
@@ -34,7 +55,7 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cmid)
         self.conv2 = nn.Conv2d(cmid, cout, 3, 1, 1, bias=False)
         # A different node set on the output means different channels: project the shortcut.
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if in_set != out_set else None
+        self.shortcut = ShortcutConv(cin, cout, stride) if in_set != out_set else None
 
 
 class WideResNet(nn.Module):
