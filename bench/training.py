@@ -149,7 +149,7 @@ def run_training(cfg: TrainingConfig, device: torch.device, out_path, *, quiet: 
               for lay in layouts}
         for dt in dtypes:
             env = Env.capture(device, peaks[dt])
-            dense_times: dict[bool, float] = {}
+            dense_times: dict[tuple[bool, bool], float] = {}  # (compiled, channels_last) -> step
             for eta in sorted(cfg.etas):  # dense (eta 0) first: the reference of speedup_vs_dense
                 if deadline is not None and time.monotonic() > deadline:
                     progress(f"  [{name} {dt} eta={eta}] skipped: time budget spent", quiet)
