@@ -36,7 +36,7 @@ class ShortcutConv(nn.Conv2d):
         # Strides, not is_contiguous(memory_format=...), which vmap does not answer.
         nhwc = x.dim() == 4 and x.size(1) > 1 and x.size(2) * x.size(3) > 1 and x.stride(1) == 1
         if s != (1, 1) and nhwc and x.device.type == "cpu":
-            return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, None, 1, 0, 1, self.groups)
+            return F.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias, 1, 0, self.dilation, self.groups)
         return super().forward(x)
 
 
