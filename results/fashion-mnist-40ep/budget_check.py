@@ -24,6 +24,10 @@ LONGER = os.path.join(HERE, "runs")
 CONVERGED_BELOW = 0.3  # points: the gain under which an arm is read as converged (README, test 3)
 
 
+def finite(x):  # None where a single pair leaves the interval or p undefined
+    return x if math.isfinite(x) else None
+
+
 def _mask(run) -> dict[str, torch.Tensor]:
     m = torch.load(os.path.join(run.path, "mask.pt"), map_location="cpu", weights_only=True)
     return m.get("masks", m)
@@ -53,8 +57,6 @@ def main() -> None:
         at = {s: 100 * long[key][s].final["test_acc"] for s in seeds}
         before = {s: 100 * short[key][s].final["test_acc"] for s in seeds}
         t = paired(at, before)
-        def finite(x):  # None where a single pair leaves the interval or p undefined
-            return x if math.isfinite(x) else None
         rows.append(dict(series=key[0], sparsity=key[1], seeds=seeds, gain_points=t["diff"],
                          gain_ci95=finite(t["diff_ci"]), p=finite(t["p"]), n=t["n"],
                          converged=bool(t["n"] >= 2 and t["diff"] < CONVERGED_BELOW),

@@ -37,8 +37,8 @@ FAMILIES = {  # name -> which "weedout against random" rows of the report belong
 
 def main() -> None:
     rows = [r for r in comparisons(conditions(collect(os.path.join(HERE, "runs"))))
-            if r["arm"] == "weedout" and r["against"] == "random" and "/reinit" not in r["series"]
-            and "/shuffled" not in r["series"]]
+            if r["arm"] == "weedout" and r["against"] == "random" and "/loss/" in r["series"]  # the −loss arm
+            and "/reinit" not in r["series"] and "/shuffled" not in r["series"]]
     out = {}
     for name, member in FAMILIES.items():
         fam = [r for r in rows if member(r)]
