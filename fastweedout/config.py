@@ -292,11 +292,15 @@ def make_run_config(arm: str, sparsity: float, *, data: DataConfig | None = None
     """A normalised config, so that equal experiments hash alike: sparsity 0 is the dense network
     whatever the arm; each sub-config is kept only by the arms it applies to (the throughout arm
     trains from the start: it drops pretrain_steps and reinit; the dense arm drops reinit and shuffle, the
-    random arm shuffle, so a grid with them keeps its dense and random controls)."""
+    random arm shuffle, so a grid with them keeps its dense and random controls). A dense run that
+    rewinds, and a random run that rewinds or re-initialises, never use the step-K weights (a random
+    mask is drawn from the seed alone): they are the runs without pretraining, not copies of them."""
     if arm not in GRID_ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose one of {list(GRID_ARMS)}")
     base = dict(data=data or DataConfig(), model=model or ModelConfig(), seed=seed, training=training,
                 pretrain_steps=pretrain_steps, rewind=rewind, reinit=reinit, shuffle=shuffle)
+    if pretrain_steps and ((rewind and (sparsity == 0 or arm == "dense")) or (arm == "random" and (rewind or reinit))):
+        base.update(pretrain_steps=0, rewind=False)
     if sparsity == 0 or arm == "dense":
         if sparsity != 0:
             raise ValueError("the dense arm has sparsity 0")

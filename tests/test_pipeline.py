@@ -1,5 +1,6 @@
 """One run start to finish, and the grid: skipping finished runs, resuming interrupted ones, every arm."""
 
+import dataclasses
 import json
 import os
 
@@ -227,7 +228,6 @@ def test_finished_run_with_damaged_records_is_rebuilt_not_skipped(reference, tmp
 
 def test_pretrain_steps_and_rewind(tmp_path):
     k = execute_run(cfg("random", epochs=1, pretrain_steps=3), tmp_path, RT)
-    r = execute_run(cfg("random", epochs=1, pretrain_steps=3, rewind=True), tmp_path, RT)
     plain = execute_run(cfg("random", epochs=1), tmp_path, RT)
     recs = records.read_jsonl(os.path.join(k.path, "results.jsonl"))
     pre = next(x for x in recs if x.get("phase") == "pretrain")
@@ -237,10 +237,36 @@ def test_pretrain_steps_and_rewind(tmp_path):
     plain_mask = torch.load(os.path.join(plain.path, "mask.pt"), weights_only=True)["masks"]
     assert all(torch.equal(same_mask[n], plain_mask[n]) for n in same_mask)
     assert k.summary["init"] != plain.summary["init"]  # scored on the step-3 weights
-    assert r.summary["init"] == k.summary["init"]  # rewinding changes the training start, not the choice
-    assert k.summary["final"] != r.summary["final"] != plain.summary["final"]
+    assert records.strip_timing(k.summary["final"]) != records.strip_timing(plain.summary["final"])
     # resumed: the parent is not trained again
     assert execute_run(cfg("random", epochs=1, pretrain_steps=3), tmp_path, RT).skipped
+    # a mask chosen on the weights: rewinding keeps the choice made on the step-3 parent and trains it from
+    # the initial weights
+    lk = execute_run(cfg("l1", epochs=1, pretrain_steps=3), tmp_path, RT)
+    lr = execute_run(cfg("l1", epochs=1, pretrain_steps=3, rewind=True), tmp_path, RT)
+    assert lr.path != lk.path and lr.summary["init"] == lk.summary["init"]
+    assert lr.summary["final"]["test_loss"] != lk.summary["final"]["test_loss"]
+
+
+def test_random_runs_that_never_train_from_the_parent_are_the_runs_without_it(tmp_path):
+    """A random mask is drawn from the seed alone, so a random run that rewinds is the run without
+    pretraining, step for step; the config says so rather than paying for a copy."""
+    plain = cfg("random", epochs=1)
+    assert cfg("random", epochs=1, pretrain_steps=3, rewind=True) == plain
+    assert cfg("random", epochs=1, pretrain_steps=3, reinit=True) == cfg("random", epochs=1, reinit=True)
+    assert cfg("dense", 0.0, epochs=1, pretrain_steps=3, rewind=True) == cfg("dense", 0.0, epochs=1)
+    assert cfg("weedout", pretrain_steps=3, rewind=True).pretrain_steps == 3  # chosen on the parent
+    # what the normalisation relies on: built without it, the rewound run trains exactly the plain run
+    rewound = execute_run(dataclasses.replace(plain, pretrain_steps=3, rewind=True), tmp_path, RT)
+    base = execute_run(plain, tmp_path, RT)
+    assert rewound.path != base.path
+    a, b = (torch.load(os.path.join(r.path, runs.MASK_NAME), weights_only=True)["masks"] for r in (rewound, base))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    epochs = [records.strip_timing([x for x in records.read_jsonl(os.path.join(r.path, runs.RESULTS_NAME))
+                                    if x.get("type") == "epoch"]) for r in (rewound, base)]
+    assert epochs[0] == epochs[1] and epochs[0]
+    assert records.strip_timing(rewound.summary["final"]) == records.strip_timing(base.summary["final"])
+    assert rewound.summary["init"] != base.summary["init"]  # only the score before training saw the parent
 
 
 def test_throughout_arm(tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import shutil
 
 import pytest
 from scipy import special
@@ -19,9 +20,10 @@ DATA = DataConfig("synthetic")
 
 
 def fake_run(root, arm, eta, seed, test, train, init_loss, init_acc, search=(0.0, 0.0), training=(10.0, 1e9),
-             done=True, epochs=2, population=100, model="wrn_10_1", granularity="node"):
+             done=True, epochs=2, population=100, model="wrn_10_1", granularity="node", pretrain_steps=0, rewind=False):
     cfg = make_run_config(arm, eta, data=DATA, model=ModelConfig(model), seed=seed, granularity=granularity,
-                          search=SearchConfig(population=population), training=TrainConfig(epochs=epochs))
+                          search=SearchConfig(population=population), training=TrainConfig(epochs=epochs),
+                          pretrain_steps=pretrain_steps, rewind=rewind)
     rd = RunDir.open(root, cfg.name, cfg)
     recs = [dict(type="phase", phase="search", wall_s=search[0], flops=search[1], elite_index=[3, 0, 0, 7, 0],
                  best_fitness=[-2.3, -2.2, -2.2, -2.1, -2.1], mean_fitness=[-2.4] * 5),
@@ -208,6 +210,32 @@ def test_weight_level_masks_are_compared_with_node_level_ones(tmp_path):
     assert "Weight-level against node-level masks" in md
     # tables name a series by what tells it apart; the full keys stay in summary.csv
     assert "| 0.5 | weedout (weight) | 3 |" in md and "/P100xG5/" not in md
+
+
+def test_a_rewound_search_is_paired_with_the_random_run_trained_alike(tmp_path):
+    """After training: the random run without pretraining (the same initial weights); before training: the
+    random mask scored on the same step-K parent."""
+    root = tmp_path / "res"
+    rewound, plain, parent = [0.80, 0.83, 0.82], [0.79, 0.80, 0.80], [0.70, 0.71, 0.75]
+    loss_w, loss_plain, loss_parent = [1.0, 1.1, 1.05], [2.3, 2.31, 2.29], [2.6, 2.5, 2.7]
+    for s in range(3):
+        fake_run(root, "weedout", 0.5, s, rewound[s], 0.8, loss_w[s], 0.5, pretrain_steps=7, rewind=True)
+        fake_run(root, "random", 0.5, s, plain[s], 0.8, loss_plain[s], 0.1)
+        fake_run(root, "random", 0.5, s, parent[s], 0.8, loss_parent[s], 0.1, pretrain_steps=7)
+    rep = report.write_report(root)
+    row = next(r for r in rep.comparisons if r["series"].startswith("weedout") and r["against"] == "random")
+    assert row["control"] == "random/layerwise/node" and row["init_control"] == "random/layerwise/node/k7"
+    assert row["diff_test_acc"] == pytest.approx(hand_paired(rewound, plain)[0])
+    assert row["diff_init_val_loss"] == pytest.approx(hand_paired(loss_w, loss_parent)[0])
+    assert "before training against random (k7)" in open(rep.paths["report.md"]).read()
+    # without the step-K random runs there is no before-training comparison, rather than a wrong one
+    for s in range(3):
+        cfg = make_run_config("random", 0.5, data=DATA, model=ModelConfig("wrn_10_1"), seed=s, pretrain_steps=7,
+                              training=TrainConfig(epochs=2))
+        shutil.rmtree(os.path.join(root, runs.run_dir_name(cfg.name, cfg.to_dict())))
+    row = next(r for r in report.write_report(root).comparisons if r["series"].startswith("weedout"))
+    assert row["init_control"] == "" and math.isnan(row["diff_init_val_loss"])
+    assert row["diff_test_acc"] == pytest.approx(hand_paired(rewound, plain)[0])
 
 
 def test_report_errors(tmp_path):

@@ -61,6 +61,11 @@ def comparison_table(rows: list[dict], what: str, name: dict[str, str]) -> list[
                    f"{pct(r['diff_init_val_acc'], r['ci_init_val_acc'])} | {p_value(r['p_init_val_acc'])} | "
                    f"{pct(r['diff_test_acc'], r['ci_test_acc'])} | {p_value(r['p_test_acc'])} | "
                    f"{p_value(r['p_holm_test_acc'])} |")
+    for r in rows:
+        if r.get("init_control") and r["init_control"] != r["control"]:
+            out.append(f"\n{name[r['series']]} at η={r['sparsity']:g}: before training against "
+                       f"{name.get(r['init_control'], r['init_control'])} (scored on the same parent), after training "
+                       f"against {name.get(r['control'], r['control'])} (trained from the same weights).")
     return out
 
 

@@ -268,6 +268,11 @@ def plot_axes(conds, comps, path: str) -> bool:
     return save_figure(fig, path)
 
 
+def _control(row: dict, metric: str) -> str:
+    """The series a comparison row's ``metric`` was paired with (before training: the same parent's)."""
+    return (row.get("init_control") or row["control"]) if metric.startswith("init_") else row["control"]
+
+
 def plot_differences(comps, exp: str, path: str) -> bool:
     """Every series minus its random control, paired by seed, with unadjusted 95% intervals: (a)
     validation loss before training, (b) test accuracy after training; the core comparisons
@@ -278,7 +283,8 @@ def plot_differences(comps, exp: str, path: str) -> bool:
         return False
     groups = [g for g in ([r for r in rows if is_core(r["series"])], [r for r in rows if not is_core(r["series"])])
               if g]
-    names = sorted({r["series"] for r in rows} | {r["control"] for r in rows})
+    names = sorted({r["series"] for r in rows} | {r["control"] for r in rows}
+                   | {r["init_control"] for r in rows if r.get("init_control")})
     colours = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted({r["series"] for r in rows}))}
     fig, axes = new_figure(2, len(groups), w=6.0, heights=[max(1.8, 0.32 * len(g) + 1.2) for g in groups])
     panels = (("init_val_loss", 1.0, "validation loss before training",
@@ -294,7 +300,7 @@ def plot_differences(comps, exp: str, path: str) -> bool:
                     ax.errorbar([scale * d], [y], xerr=[[scale * ci if math.isfinite(ci) else 0.0]] * 2, fmt="o",
                                 color=colours[r["series"]], capsize=3)
             ax.axvline(0.0, color="#333333", linewidth=0.8)
-            ax.set_yticks(ys, [f"η={r['sparsity']:g}  {label(r['series'], names)} − {label(r['control'], names)}"
+            ax.set_yticks(ys, [f"η={r['sparsity']:g}  {label(r['series'], names)} − {label(_control(r, m), names)}"
                                f"  (n={r[f'n_{m}']})" for r in g], fontsize="small")
             ax.set_title(f"{kind}: {title}", fontsize="medium")
             ax.set_xlabel(xlabel)

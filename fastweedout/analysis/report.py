@@ -33,7 +33,14 @@ from fastweedout.analysis.plots import (
     plot_search,
 )
 from fastweedout.analysis.robustness_report import plot_robustness, robustness_table
-from fastweedout.analysis.series import control_key, experiment_key, node_peer_key, series_key, source_key
+from fastweedout.analysis.series import (
+    control_key,
+    experiment_key,
+    init_control_key,
+    node_peer_key,
+    series_key,
+    source_key,
+)
 from fastweedout.analysis.stats import CONFIDENCE, holm, mean_ci, paired
 from fastweedout.experiment import runs
 from fastweedout.experiment.records import RunError, read_jsonl
@@ -56,6 +63,7 @@ class Run:
     experiment: str  # data + model + training + version
     series: str  # how the mask was chosen
     control: str | None  # the random series it is compared with (None: random and dense runs)
+    init_control: str | None  # the same for the before-training metrics (the random mask on the same parent)
     final: dict
     init: dict
     phases: dict  # phase -> {"wall_s", "flops"}
@@ -115,7 +123,8 @@ def collect(results: str | os.PathLike) -> Collection:
         phases = {r["phase"]: r for r in by_type["phase"]}
         col.runs.append(Run(
             path=path, config=cfg, arm=cfg["arm"], sparsity=float(cfg["sparsity"]), seed=int(cfg["seed"]),
-            experiment=experiment_key(cfg), series=series_key(cfg), control=control_key(cfg), final=finals[-1],
+            experiment=experiment_key(cfg), series=series_key(cfg), control=control_key(cfg),
+            init_control=init_control_key(cfg), final=finals[-1],
             init=(by_type["mask"] or [{}])[-1],
             phases={p: dict(wall_s=float(phases.get(p, {}).get("wall_s") or 0.0),
                             flops=float(phases.get(p, {}).get("flops") or 0.0)) for p in PHASES},
@@ -190,16 +199,18 @@ def comparisons(conds: list[Condition]) -> list[dict]:
     index = {(c.experiment, c.series, c.sparsity): c for c in conds}
     rows = []
     for c in conds:
-        cfg = c.runs[0].config
-        for against, key in (("random", c.runs[0].control), ("node", node_peer_key(cfg)),
-                             ("source", source_key(cfg))):
+        cfg, first = c.runs[0].config, c.runs[0]
+        for against, key in (("random", first.control), ("node", node_peer_key(cfg)), ("source", source_key(cfg))):
             ctrl = index.get((c.experiment, key, c.sparsity)) if key else None
             if ctrl is None:
                 continue
+            # a rewound run trains like the random run without pretraining but was scored on the step-K parent
+            init = index.get((c.experiment, first.init_control, c.sparsity)) if against == "random" else ctrl
             row = dict(experiment=c.experiment, sparsity=c.sparsity, series=c.series, arm=c.arm, control=ctrl.series,
-                       against=against)
+                       init_control=init.series if init else "", against=against)
             for m in TESTED:
-                t = paired(c.by_seed(m), ctrl.by_seed(m))
+                other = init if m.startswith("init_") else ctrl
+                t = paired(c.by_seed(m), other.by_seed(m) if other else {})
                 row.update({f"n_{m}": t["n"], f"diff_{m}": t["diff"], f"ci_{m}": t["diff_ci"], f"t_{m}": t["t"],
                             f"p_{m}": t["p"]})
             rows.append(row)
@@ -261,8 +272,10 @@ def _headline(conds: list[Condition], comps: list[dict], exp: str, name: dict[st
     for r in comps:
         if r["experiment"] == exp and r["against"] == "random":
             ctrl = name.get(r["control"], r["control"])
+            init = r.get("init_control") or r["control"]
+            versus = f" against {name.get(init, init)}" if init != r["control"] else ""
             lines.append(f"- η={r['sparsity']:g}, {name[r['series']]} − {ctrl}: {r['diff_init_val_loss']:+.3f} "
-                         f"validation loss before training (p {p_value(r['p_init_val_loss'])}, "
+                         f"validation loss before training{versus} (p {p_value(r['p_init_val_loss'])}, "
                          f"Holm {p_value(r['p_holm_init_val_loss'])}), {100 * r['diff_test_acc']:+.2f} points of test "
                          f"accuracy after training (p {p_value(r['p_test_acc'])}, "
                          f"Holm {p_value(r['p_holm_test_acc'])}; "

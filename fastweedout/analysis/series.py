@@ -42,12 +42,30 @@ def _series_key(cfg: dict) -> str:
     return f"{a}/{mode}/{gran}{_k(cfg)}"
 
 
+def _trains_from_parent(cfg: dict) -> bool:
+    """Whether training starts from the step-K weights (not the initial ones, ``rewind``, nor fresh ones)."""
+    return bool(cfg.get("pretrain_steps")) and not cfg.get("rewind") and not cfg.get("reinit")
+
+
 def control_key(cfg: dict) -> str | None:
+    """The random series trained the way this one is. A random mask is drawn from the seed alone, so the
+    step-K parent reaches a random run only through the weights training starts from: a run that
+    rewinds or re-initialises is controlled by the random run without pretraining
+    (``config.make_run_config`` makes those the same run)."""
     if cfg["arm"] in ("dense", "random", "given"):
         return None
-    c = dict(cfg, pretrain_steps=0, rewind=False) if cfg["arm"] == "throughout" else cfg
+    k = _k(cfg) if cfg["arm"] != "throughout" and _trains_from_parent(cfg) else ""
     reinit = "/reinit" if cfg.get("reinit") else ""  # a shuffled mask's control is the plain random mask
-    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(c)}{reinit}"
+    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{k}{reinit}"
+
+
+def init_control_key(cfg: dict) -> str | None:
+    """The random series whose mask was scored on the same parent, for the before-training metrics: the
+    step-K parent's whatever training starts from afterwards."""
+    if control_key(cfg) is None or cfg["arm"] == "throughout" or not cfg.get("pretrain_steps") \
+            or _trains_from_parent(cfg):
+        return control_key(cfg)
+    return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(dict(cfg, rewind=False))}"
 
 
 def node_peer_key(cfg: dict) -> str | None:
@@ -60,4 +78,4 @@ def source_key(cfg: dict) -> str | None:
     return series_key(dict(cfg, reinit=False, shuffle=False)) if _structure(cfg) else None
 
 
-__all__ = ["control_key", "experiment_key", "node_peer_key", "series_key", "source_key"]
+__all__ = ["control_key", "experiment_key", "init_control_key", "node_peer_key", "series_key", "source_key"]
