@@ -60,8 +60,8 @@ def control_key(cfg: dict) -> str | None:
 
 
 def init_control_key(cfg: dict) -> str | None:
-    """The random series whose mask was scored on the same parent, for the before-training metrics: the
-    step-K parent's whatever training starts from afterwards."""
+    """The control of the before-training metrics: the random series whose mask was scored on the same
+    parent (the step-K weights, whatever training starts from afterwards)."""
     if control_key(cfg) is None or cfg["arm"] == "throughout" or not cfg.get("pretrain_steps") \
             or _trains_from_parent(cfg):
         return control_key(cfg)
