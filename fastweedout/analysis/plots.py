@@ -305,7 +305,8 @@ def plot_differences(comps, exp: str, path: str) -> bool:
             ax.set_title(f"{kind}: {title}", fontsize="medium")
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3, axis="x")
-        row_axes[1].tick_params(labelleft=False)
+        if all(_control(r, "init_val_loss") == r["control"] for r in g):  # else each panel names its own
+            row_axes[1].tick_params(labelleft=False)
     fig.suptitle(f"paired by seed: mean difference and {int(CONFIDENCE * 100)}% CI (unadjusted; the report's "
                  "p-values are also Holm-adjusted)")
     return save_figure(fig, path)
