@@ -54,7 +54,7 @@ def control_key(cfg: dict) -> str | None:
     (``config.make_run_config`` makes those the same run)."""
     if cfg["arm"] in ("dense", "random", "given"):
         return None
-    k = _k(cfg) if cfg["arm"] != "throughout" and _trains_from_parent(cfg) else ""
+    k = _k(cfg) if _trains_from_parent(cfg) else ""  # the throughout arm never has pretrain_steps
     reinit = "/reinit" if cfg.get("reinit") else ""  # a shuffled mask's control is the plain random mask
     return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{k}{reinit}"
 
@@ -62,8 +62,7 @@ def control_key(cfg: dict) -> str | None:
 def init_control_key(cfg: dict) -> str | None:
     """The control of the before-training metrics: the random series whose mask was scored on the same
     parent (the step-K weights, whatever training starts from afterwards)."""
-    if control_key(cfg) is None or cfg["arm"] == "throughout" or not cfg.get("pretrain_steps") \
-            or _trains_from_parent(cfg):
+    if control_key(cfg) is None or not cfg.get("pretrain_steps") or _trains_from_parent(cfg):
         return control_key(cfg)
     return f"random/{cfg.get('mode')}/{cfg.get('granularity', 'node')}{_k(dict(cfg, rewind=False))}"
 
