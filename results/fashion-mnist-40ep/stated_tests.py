@@ -87,8 +87,8 @@ def main() -> None:
         print(name)
         for r in fam:
             print(f"  eta {r['sparsity']:.1f} {r['series']:<48} - {r['control']:<28} n {r['pairs']}  {r['diff_points']:+.2f} "
-                  f"+- {r['ci95_points'] or math.nan:.2f} points  p {r['p'] or math.nan:.3f}  "
-                  f"Holm {r['p_holm'] or math.nan:.3f} (of {r['family_size']})")
+                  f"+- {r['ci95_points'] or math.nan:.2f} points  p {r['p'] or math.nan:.3g}  "
+                  f"Holm {r['p_holm'] or math.nan:.3g} (of {r['family_size']})")
 
 
 if __name__ == "__main__":
