@@ -45,6 +45,9 @@ def _entry(rank, fn, world, tmp, args):
     try:
         out = fn(rank, *args)
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+        # no rank tears its gloo pairs down while the other still uses them: once, a rank aborted
+        # ("terminate called without an active exception") in teardown under load without this
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
