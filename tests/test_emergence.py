@@ -85,3 +85,19 @@ def test_report_has_the_table_and_the_figure(runs_k):
 def test_no_rows_without_two_k(tmp_path):
     assert E.emergence([]) == [] and E.emergence_table([], "x", str) == []
     assert E.plot_emergence([], "x", str(tmp_path / "e.png"), str) is False
+
+
+def test_figure_range_is_set_by_the_data(tmp_path, monkeypatch):
+    """Overlaps of sparse masks are small: the y range follows the data (not 0..1) and the curves that
+    share a K are drawn side by side."""
+    figs = []
+    monkeypatch.setattr(E, "save_figure", lambda fig, path: figs.append(fig) or True)
+    rows = [dict(experiment="x", series="weedout/layerwise/node", sparsity=0.8, k=k,
+                 vs_k={1287: [0.1, 0.12, 0.11]} if k < 1287 else {}, vs_gamma=[0.08, 0.09, 0.1],
+                 vs_l1=[0.09, 0.1, 0.11], chance=[0.116, 0.116, 0.116]) for k in (0, 429, 1287)]
+    assert E.plot_emergence(rows, "x", str(tmp_path / "e.png"), str)
+    ax = figs[0].axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo == 0 and 0.15 < hi < 0.5
+    xs = {round(float(x), 6) for line in ax.get_lines() for x in line.get_xdata()}
+    assert len(xs) > 3  # four curves at three K values, shifted apart
