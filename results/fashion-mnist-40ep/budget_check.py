@@ -1,4 +1,4 @@
-"""Test 3 of README.md: are the sparse arms converged at 40 epochs? For every arm and sparsity run
+"""Tests 3 and 6 of README.md: are the sparse arms (6: SynFlow global) converged at 40 epochs? For every arm and sparsity run
 in both this folder and ../fashion-mnist-30ep, test accuracy at 40 minus 30 epochs, paired by seed.
 A pair counts only when both runs trained the same mask (the same seed draws the same initial
 weights and mask at both budgets; checked here, not assumed). Writes ``budget_check.json`` beside
@@ -42,7 +42,7 @@ def _by_condition(runs) -> dict[tuple, dict[int, object]]:
     out: dict[tuple, dict[int, object]] = {}
     for r in runs:
         if r.config.get("reinit") or r.config.get("shuffle"):
-            continue  # test 3 is about the core arms only
+            continue  # tests 3 and 6 are about arms trained from their own weights and nodes
         out.setdefault((r.series, r.sparsity), {})[r.seed] = r
     return out
 
