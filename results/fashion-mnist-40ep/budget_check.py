@@ -1,5 +1,6 @@
-"""Tests 3 and 6 of README.md: are the sparse arms (6: SynFlow global) converged at 40 epochs? For every arm and sparsity run
-in both this folder and ../fashion-mnist-30ep, test accuracy at 40 minus 30 epochs, paired by seed.
+"""Tests 3 and 6 of README.md: are the sparse arms (test 6: SynFlow global) converged at 40 epochs?
+For every arm and sparsity run in both this folder and ../fashion-mnist-30ep, test accuracy at 40
+minus 30 epochs, paired by seed.
 A pair counts only when both runs trained the same mask (the same seed draws the same initial
 weights and mask at both budgets; checked here, not assumed). Writes ``budget_check.json`` beside
 this file (atomically).
